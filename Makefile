@@ -1,0 +1,43 @@
+# One command to set up and run the studio, one to set up and pass the tests.
+# Both create .venv on first use; torch is installed first so pip takes the CPU build
+# from this machine instead of pulling a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test test-fast bench chromium clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: $(STAMP)
+	$(PY) app.py $(ARGS)
+
+# The browser tests drive the system Chromium; playwright's own browser download is not used.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: install it with 'sudo apt-get install -y chromium'"; exit 1; fi; }
+
+test: $(STAMP) chromium
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not browser and not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/count_latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-artifacts

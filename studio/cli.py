@@ -1,0 +1,157 @@
+"""`studio` command line: the same operations as the UI, for scripts and bigger machines.
+
+Exit status: 0 ok, 2 bad input (one line on stderr naming the problem), 1 a real failure.
+`--json` prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import ConfigError, LoraSettings, parse_layers
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+class UsageError(ConfigError):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="studio", description="LoRA Studio: LoRA fine-tuning of Hugging Face models.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("tree", help="print a model's module tree (folded like PyTorch's print)")
+    t.add_argument("--model", required=True, help="built-in name, preset, local folder or Hub id")
+    t.add_argument("--task", choices=["causal_lm", "seq_cls"], default=None)
+    t.add_argument("--depth", type=int, default=12, help="levels to print (text output)")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--trust-remote-code", action="store_true")
+
+    c = sub.add_parser("count", help="trainable LoRA parameters for targets and ranks, without loading weights")
+    c.add_argument("--model", required=True)
+    c.add_argument("--targets", required=True, help="comma-separated names, all-linear, or re:PATTERN")
+    c.add_argument("--r", type=int, default=8)
+    c.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2*r)")
+    c.add_argument("--layers", default=None, help="layers_to_transform, e.g. 0-3,8")
+    c.add_argument("--exclude", default=None, help="exclude_modules, comma-separated or re:PATTERN")
+    c.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
+    c.add_argument("--dora", action="store_true", help="use_dora")
+    c.add_argument("--rslora", action="store_true", help="use_rslora")
+    c.add_argument("--modules-to-save", default=None, help="comma-separated module names trained in full")
+    c.add_argument("--rank-pattern", default=None, help="per-module ranks, e.g. q_proj=16,v_proj=4")
+    c.add_argument("--alpha-pattern", default=None, help="per-module alphas, e.g. q_proj=32")
+    c.add_argument("--task", choices=["causal_lm", "seq_cls"], default=None)
+    c.add_argument("--sweep", action="store_true", help="table over r in 1..128 and common target sets")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--trust-remote-code", action="store_true")
+    return p
+
+
+def _targets(value: str):
+    value = value.strip()
+    if value.startswith("re:") or value.lower() == "all-linear":
+        return value
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise UsageError(f"--targets {value!r} names no module; give names like q_proj,v_proj, all-linear or re:PATTERN")
+    return names
+
+
+def _pattern(value: str | None, name: str, cast) -> dict:
+    if not value:
+        return {}
+    out = {}
+    for part in value.split(","):
+        key, sep, val = part.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{name}: {part!r} is not NAME=VALUE (e.g. q_proj=16)")
+        try:
+            out[key.strip()] = cast(val)
+        except ValueError:
+            raise UsageError(f"{name}: {val!r} for {key.strip()} is not a number") from None
+    return out
+
+
+def lora_settings_from_args(a) -> LoraSettings:
+    exclude = a.exclude
+    if exclude and not exclude.startswith("re:"):
+        exclude = [e.strip() for e in exclude.split(",") if e.strip()]
+    elif exclude:
+        exclude = exclude[3:]
+    s = LoraSettings(
+        r=a.r, lora_alpha=a.alpha if a.alpha is not None else 2 * a.r, target_modules=_targets(a.targets),
+        layers_to_transform=parse_layers(a.layers, "--layers"), exclude_modules=exclude, bias=a.bias,
+        use_dora=a.dora, use_rslora=a.rslora,
+        modules_to_save=[m.strip() for m in a.modules_to_save.split(",")] if a.modules_to_save else None,
+        rank_pattern=_pattern(a.rank_pattern, "--rank-pattern", int),
+        alpha_pattern=_pattern(a.alpha_pattern, "--alpha-pattern", float),
+    )
+    s.validate()
+    return s
+
+
+def cmd_tree(a) -> int:
+    from .tree import model_tree, render
+
+    tree = model_tree(a.model, a.task, a.trust_remote_code)
+    if a.json:
+        _print_json(tree.to_dict())
+    else:
+        print(render(tree, a.depth))
+    return 0
+
+
+def cmd_count(a) -> int:
+    from . import lora
+    from .tree import human, model_tree
+
+    settings = lora_settings_from_args(a)
+    tree = model_tree(a.model, a.task, a.trust_remote_code)
+    if a.sweep:
+        table = lora.sweep(tree, settings)
+        if a.json:
+            _print_json({"model": a.model, "total": tree.total_params, "sweep": table})
+        else:
+            print(lora.render_sweep(table))
+        return 0
+    c = lora.check(tree, settings)
+    if a.json:
+        _print_json({"model": a.model, **c.to_dict()})
+        return 0
+    print(f"{a.model}: {c.trainable:,} trainable of {c.total:,} parameters ({c.trainable_percent:.4f}%)")
+    print(f"adapter size: {c.adapter_mb['float32']:.2f} MB float32, {c.adapter_mb['bfloat16']:.2f} MB bfloat16;"
+          f" scaling alpha/r = {c.scaling:g}")
+    print(f"{len(c.matched_modules)} modules adapted; by type: "
+          + ", ".join(f"{k} {human(v)}" for k, v in c.by_type.items()))
+    return 0
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, default=str)
+    sys.stdout.write("\n")
+
+
+COMMANDS = {"tree": cmd_tree, "count": cmd_count}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except ConfigError as e:
+        print(f"studio {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"studio {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a real failure: say what broke; the traceback with STUDIO_DEBUG=1
+        if os.environ.get("STUDIO_DEBUG"):
+            raise
+        print(f"studio {args.cmd}: failed: {type(e).__name__}: {e} (set STUDIO_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
