@@ -317,3 +317,28 @@ def render_sweep(rows: list[dict]) -> str:
             f"{human(cell[(s, r)]['trainable']) + ' (' + format(cell[(s, r)]['adapter_mb_bf16'], '.1f') + ')':>22}"
             for s in sets))
     return "\n".join(out)
+
+
+def compact_targets(tree: ModelTree, paths, allow_string: bool = True) -> list[str] | str:
+    """The shortest PEFT target_modules that selects exactly `paths` (a set of module paths).
+
+    Leaf names (q_proj) when every module so named is selected, then longer dotted suffixes
+    (attn.c_proj vs mlp.c_proj), then full paths: the result matches `paths` and nothing else.
+    """
+    chosen = set(paths)
+    if not chosen:
+        return []
+    if allow_string and chosen == set(tree.all_linear):
+        return ALL_LINEAR
+    names = [m.path for m in tree.modules if m.path]
+    out: list[str] = []
+    left = set(chosen)
+    depth = 1
+    while left and depth <= 4:
+        for suffix in sorted({".".join(p.split(".")[-depth:]) for p in left}):
+            covered = {n for n in names if n == suffix or n.endswith("." + suffix)}
+            if covered and covered <= chosen and covered & left:
+                out.append(suffix)
+                left -= covered
+        depth += 1
+    return out + sorted(left, key=names.index)

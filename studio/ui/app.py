@@ -1,0 +1,270 @@
+"""The studio's Gradio app: tabs, event wiring and a locked-down launch.
+
+Each tab module builds its components and holds its handlers as plain functions; this module
+only wires events between them. Polls are cheap and unlimited in concurrency; starting a run
+and merging share one slot, so two clicks never start two heavy jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from .. import runs
+from . import data_tab, export_tab, model_tab, runs_tab, train_tab
+
+CSS = """
+.pc { padding: 10px 12px; border-radius: 8px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
+.pc-big { font-size: 1.25em; margin-bottom: 4px; }
+.pc-trainable { font-weight: 700; color: var(--color-accent); }
+.pc-err, .bad { color: #b91c1c; }
+.pc-targets code { font-size: 12px; }
+.rs { font-size: 1.05em; }
+.rs-err { max-height: 220px; overflow: auto; font-size: 12px; background: #fef2f2; padding: 8px; }
+.badge { padding: 2px 8px; border-radius: 10px; background: #e5e7eb; font-weight: 600; }
+.st-running, .st-queued { background: #dbeafe; } .st-completed { background: #dcfce7; }
+.st-failed, .st-diverged { background: #fee2e2; } .st-stopped, .st-stopping { background: #fef9c3; }
+.pbar { height: 10px; background: #e5e7eb; border-radius: 5px; overflow: hidden; }
+.pbar > div { height: 100%; background: var(--color-accent); transition: width .5s; }
+.pbar-text { font-size: 12px; color: var(--body-text-color-subdued); }
+.mr th { text-align: left; padding-right: 12px; white-space: nowrap; }
+#start-reason { color: #b45309; }
+"""
+HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
+LIGHT = dict(concurrency_limit=None)
+
+
+def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
+    root = runs.runs_dir(runs_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    with gr.Blocks(title="LoRA Studio", delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown("## LoRA Studio\nPick a model, tick the modules that get LoRA adapters, train in the "
+                    "background, merge and download. Everything here is also a `studio` command.")
+        model_state = gr.State({"ref": model_tab.DEFAULT_MODEL, "task": "causal_lm", "explore_only": False})
+        model_reason = gr.State(None)
+        with gr.Tabs():
+            with gr.Tab("Model", id="tab-model"):
+                m = model_tab.build(model_state)
+            with gr.Tab("Data", id="tab-data"):
+                d = data_tab.build(root)
+            with gr.Tab("Train", id="tab-train"):
+                t = train_tab.build()
+            with gr.Tab("Runs", id="tab-runs") as runs_tab_el:
+                r = runs_tab.build(root)
+            with gr.Tab("Export", id="tab-export") as export_tab_el:
+                x = export_tab.build(root)
+        _wire_model(m, d, t, model_state, model_reason)
+        _wire_data(d, t, model_state, model_reason, root)
+        _wire_train(m, d, t, model_state, model_reason, root)
+        _wire_runs(r, runs_tab_el, root)
+        _wire_export(x, export_tab_el, root)
+        demo.load(_on_page_load(root), [model_state], [m.module_tree, m.target_types, m.summary, model_state,
+                                                          t.run_state], api_name="page_load", **LIGHT) \
+            .then(_recount, m.lora_inputs, [m.param_count, m.param_chart, model_reason], **LIGHT) \
+            .then(functools.partial(_preview, root), [d.dataset_select, d.data_format, d.max_length, model_state],
+                  [d.dataset_preview, d.data_info, d.data_error], **LIGHT) \
+            .then(functools.partial(_poll, root, True), [t.run_state, model_reason, d.data_error],
+                  [t.run_state, t.run_status, t.run_progress, t.loss_plot, t.start_reason, t.train_start,
+                   t.run_yaml, t.run_cli], **LIGHT)
+    return demo
+
+
+# --- model ---------------------------------------------------------------------------------
+
+def _on_page_load(root: Path):
+    def load(state: dict):
+        tree_upd, types_upd, summary, state = model_tab.load(state.get("ref"), state.get("task"))
+        return tree_upd, types_upd, summary, state, train_tab.attach(root)
+    return load
+
+
+def _recount(state, keys, layers, r, alpha, dropout, bias, rslora, dora, mts, rank_pattern):
+    sel = model_tab.selection(state, keys, layers, r, alpha, dropout, bias, rslora, dora, mts, rank_pattern)
+    html, fig, reason = model_tab.count_view(sel)
+    if reason is None and state.get("explore_only"):
+        reason = f"{state.get('ref')} is explore-only (a config without weights): counts only, no training"
+    return html, fig, reason
+
+
+def _wire_model(m, d, t, model_state, model_reason):
+    def load(ref, task):
+        tree_upd, types_upd, summary, state = model_tab.load(ref, task)
+        return tree_upd, types_upd, summary, state
+
+    def load_default_task(ref):
+        return load(ref, None)
+
+    outs = [m.module_tree, m.target_types, m.summary, model_state]
+    after = dict(fn=_recount, inputs=m.lora_inputs, outputs=[m.param_count, m.param_chart, model_reason], **LIGHT)
+    sync_task = dict(fn=lambda s: (s["task"], gr.update(value=data_tab.default_dataset(s["task"]))),
+                     inputs=[model_state], outputs=[m.task, d.dataset_select], **LIGHT)
+    m.model_load.click(load_default_task, [m.model_select], outs, api_name="load_model", **LIGHT) \
+        .then(**after).then(**sync_task)
+    m.model_select.select(load_default_task, [m.model_select], outs, **LIGHT).then(**after).then(**sync_task)
+    m.task.input(load, [m.model_select, m.task], outs, **LIGHT).then(**after)
+
+    def types_changed(state, types, keys, previous_types):
+        from ..tree import model_tree
+
+        tree = model_tree(state["ref"], state["task"])
+        return model_tab.keys_from_types(tree, types, keys, previous_types), types
+
+    m.target_types.input(types_changed, [model_state, m.target_types, m.module_tree, m.types_state],
+                         [m.module_tree, m.types_state], **LIGHT)
+
+    def tree_changed(state, keys):
+        from ..tree import model_tree
+
+        types = model_tab.types_from_keys(model_tree(state["ref"], state["task"]), keys)
+        return types, types
+
+    m.module_tree.change(tree_changed, [model_state, m.module_tree], [m.target_types, m.types_state], **LIGHT) \
+        .then(**after)
+    for w in (m.layers, m.bias, m.rslora, m.dora, m.mts, m.rank_pattern):
+        w.change(**after)
+    for w in (m.lora_r, m.lora_alpha, m.lora_dropout):
+        w.change(**after)
+
+
+# --- data ----------------------------------------------------------------------------------
+
+def _preview(root: Path, path, fmt, max_length, state):
+    rows, info, error = data_tab.preview(path, fmt, max_length, state)
+    import pandas as pd
+
+    return pd.DataFrame(rows), info, error
+
+
+def _wire_data(d, t, model_state, model_reason, root: Path):
+    prev = dict(fn=functools.partial(_preview, root), inputs=[d.dataset_select, d.data_format, d.max_length, model_state],
+                outputs=[d.dataset_preview, d.data_info, d.data_error], **LIGHT)
+    for w in (d.dataset_select, d.data_format, d.max_length):
+        w.change(**prev)
+
+    def uploaded(file):
+        path = data_tab.save_upload(file, root)
+        return gr.update(choices=data_tab.dataset_choices(root), value=path)
+
+    d.dataset_upload.upload(uploaded, [d.dataset_upload], [d.dataset_select], api_name="upload_dataset", **LIGHT)
+
+
+# --- train ---------------------------------------------------------------------------------
+
+def _gate(model_reason, data_error, active: bool):
+    reason = ("a run is training: stop it before starting another" if active
+              else model_reason or (f"dataset: {data_error}" if data_error else None))
+    return (f"⚠ {reason}" if reason else ""), gr.update(interactive=reason is None)
+
+
+def _poll(root: Path, full: bool, state, model_reason, data_error):
+    """Timer tick: new metrics, status, progress, and the Start gate. `full` also redraws all."""
+    new_state, changed = train_tab.advance(state, root)
+    status, bar, active = train_tab.status_view(new_state)
+    fig = train_tab.figure(new_state) if (changed or full) else gr.skip()
+    reason, start_upd = _gate(model_reason, data_error, active)
+    if changed or full:
+        yaml_text, cli = train_tab.config_view(new_state)
+    else:
+        yaml_text, cli = gr.skip(), gr.skip()
+    return new_state, status, bar, fig, reason, start_upd, yaml_text, cli
+
+
+def _wire_train(m, d, t, model_state, model_reason, root: Path):
+    def start(state, *values):
+        lora_values = list(values[:10])
+        data_values = list(values[10:16])
+        train_values = list(values[16:])
+        return train_tab.start(root, state, lora_values, data_values, train_values)
+
+    inputs = [model_state] + m.lora_inputs[1:] + d.inputs + t.inputs
+    poll_full = dict(fn=functools.partial(_poll, root, True), inputs=[t.run_state, model_reason, d.data_error],
+                     outputs=[t.run_state, t.run_status, t.run_progress, t.loss_plot, t.start_reason, t.train_start,
+                              t.run_yaml, t.run_cli], **LIGHT)
+    t.train_start.click(start, inputs, [t.run_state], api_name="start_training", **HEAVY).then(**poll_full)
+    t.train_stop.click(train_tab.stop, [t.run_state], None, api_name="stop_training", **LIGHT).then(**poll_full)
+    t.timer.tick(functools.partial(_poll, root, False), [t.run_state, model_reason, d.data_error],
+                 poll_full["outputs"], api_name="poll", show_progress="hidden", **LIGHT)
+    for st in (model_reason, d.data_error):
+        st.change(**{**poll_full, "show_progress": "hidden"})
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+def _wire_runs(r, tab, root: Path):
+    def refresh(current_pick, current_compare):
+        ids = runs_tab.run_ids(root)
+        return (runs_tab.table(root), gr.update(choices=ids, value=current_pick if current_pick in ids else None),
+                gr.update(choices=ids, value=[i for i in (current_compare or []) if i in ids]))
+
+    outs = [r.runs_table, r.pick, r.compare]
+    r.refresh.click(refresh, [r.pick, r.compare], outs, api_name="list_runs", **LIGHT)
+    tab.select(refresh, [r.pick, r.compare], outs, **LIGHT)
+    r.compare.change(functools.partial(runs_tab.overlay, root), [r.compare], [r.overlay_plot], **LIGHT)
+    r.resume.click(functools.partial(runs_tab.resume, root), [r.pick], [r.message], api_name="resume_run", **HEAVY) \
+        .then(refresh, [r.pick, r.compare], outs, **LIGHT)
+    r.delete.click(lambda pick: (gr.update(visible=bool(pick)),
+                                 f"Delete **{pick}** and all its files? This cannot be undone." if pick
+                                 else "Pick a run first."),
+                   [r.pick], [r.confirm, r.message], **LIGHT)
+    r.confirm.click(functools.partial(runs_tab.delete, root), [r.pick], [r.message], api_name="delete_run", **LIGHT) \
+        .then(lambda: gr.update(visible=False), None, [r.confirm], **LIGHT) \
+        .then(refresh, [r.pick, r.compare], outs, **LIGHT)
+
+
+# --- export --------------------------------------------------------------------------------
+
+def _wire_export(x, tab, root: Path):
+    def refresh(current):
+        ids = export_tab.exportable(root)
+        return gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))
+
+    tab.select(refresh, [x.run], [x.run], **LIGHT)
+
+    def prepare_adapter(run_id):
+        if not run_id:
+            return gr.update(value=None, interactive=False), gr.update(value=None, interactive=False)
+        merged = root / run_id / "exports" / f"{run_id}-merged.zip"
+        return (gr.update(value=export_tab.adapter_zip(root, run_id), interactive=True),
+                gr.update(value=str(merged) if merged.is_file() else None, interactive=merged.is_file()))
+
+    x.run.change(prepare_adapter, [x.run], [x.download_adapter, x.download_merged], **LIGHT)
+
+    def do_merge(run_id, dtype, verify, progress=gr.Progress()):
+        if not run_id:
+            raise gr.Error("pick a run with a final adapter first", print_exception=False)
+        report, zip_path = export_tab.merge(root, run_id, dtype, verify, progress)
+        return report, gr.update(value=zip_path, interactive=zip_path is not None)
+
+    x.merge_btn.click(do_merge, [x.run, x.dtype, x.verify], [x.merge_report, x.download_merged],
+                      api_name="merge", **HEAVY)
+
+
+# --- launch --------------------------------------------------------------------------------
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must be USER:PASSWORD")
+    return user, password
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, runs_dir=None,
+           prevent_thread_lock: bool = False, quiet: bool = False):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    creds = parse_auth(auth or os.environ.get("STUDIO_AUTH"))
+    if host not in ("127.0.0.1", "localhost", "::1") and creds is None:
+        print(f"warning: serving on {host} without --auth: anyone who can reach this machine can start "
+              "training and read your runs. Pass --auth USER:PASSWORD (or set STUDIO_AUTH).", file=sys.stderr)
+    root = runs.runs_dir(runs_dir).resolve()
+    demo = build_app(root)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=host, server_port=port, auth=creds, share=False, allowed_paths=[str(root)],
+                max_file_size=f"{data_tab.MAX_UPLOAD_MB}mb", enable_monitoring=False, show_error=True,
+                prevent_thread_lock=prevent_thread_lock, quiet=quiet, css=CSS, footer_links=[])
+    return demo

@@ -1,0 +1,126 @@
+"""Data tab: built-in datasets or an upload, checked and previewed before any training starts."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from .. import data, models
+from ..config import DATA_FORMATS, ConfigError, DataConfig, field_help
+
+DATA_HELP = field_help(DataConfig)
+UPLOAD_KINDS = [".jsonl", ".json", ".csv", ".parquet", ".txt"]
+MAX_UPLOAD_MB = 200
+
+
+def dataset_choices(runs_dir: Path) -> list[tuple[str, str]]:
+    out = [(f"{d['name']}  ·  {d['format']}, {d['rows']} rows", d["path"]) for d in data.list_builtin()]
+    up = runs_dir / "uploads"
+    if up.is_dir():
+        for p in sorted(up.iterdir()):
+            if p.suffix in UPLOAD_KINDS:
+                out.append((f"{p.name}  ·  uploaded", str(p)))
+    return out
+
+
+def default_dataset(task: str) -> str:
+    want = "seq_cls" if task == "seq_cls" else "causal_lm"
+    for d in data.list_builtin():
+        if d["task"] == want:
+            return d["path"]
+    return data.list_builtin()[0]["path"]
+
+
+def safe_upload_name(name: str) -> str:
+    """A plain file name: no folders, no dots in front, only safe characters."""
+    base = Path(str(name).replace("\\", "/")).name
+    stem, suffix = Path(base).stem, Path(base).suffix.lower()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip("._") or "dataset"
+    return f"{stem[:80]}{suffix}"
+
+
+def save_upload(tmp_path: str | None, runs_dir: Path) -> str:
+    """Copy an uploaded file into runs/uploads under a safe name; returns its path.
+
+    The file is checked first, so a bad upload never lands in the dataset list.
+    """
+    if not tmp_path:
+        raise gr.Error("no file was uploaded", print_exception=False)
+    src = Path(tmp_path)
+    suffix = src.suffix.lower()
+    if suffix not in UPLOAD_KINDS:
+        raise gr.Error(f"{src.name}: unsupported file type {suffix or '(none)'}; allowed: {', '.join(UPLOAD_KINDS)}",
+                       print_exception=False)
+    if src.stat().st_size == 0:
+        raise gr.Error(f"{src.name}: the file is empty (0 bytes)", print_exception=False)
+    try:
+        data.load_records(str(src))
+    except ConfigError as e:
+        raise gr.Error(str(e).replace(str(src.parent) + "/", ""), print_exception=False) from None
+    dest_dir = runs_dir / "uploads"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / safe_upload_name(src.name)
+    n = 2
+    while dest.exists():
+        dest = dest_dir / f"{Path(safe_upload_name(src.name)).stem}-{n}{suffix}"
+        n += 1
+    tmp = dest.with_name(f".{dest.name}.part")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dest)
+    return str(dest)
+
+
+def preview(path: str, fmt: str, max_length: float, model_state: dict):
+    """(rows for the table, info markdown, error or None) for the chosen dataset."""
+    if not path:
+        return [], "", "choose a dataset"
+    try:
+        tok = models.load_tokenizer(model_state.get("ref")) if not model_state.get("explore_only") else None
+    except ConfigError:
+        tok = None
+    try:
+        p = data.preview(path, tok, fmt or "auto", n=8, max_length=int(max_length))
+    except ConfigError as e:
+        return [], f"<div class='bad'>⚠ {html.escape(str(e))}</div>", str(e)
+    rows = [{k: _cell(v) for k, v in r.items()} for r in p["rows"]]
+    info = [f"**{p['num_rows']:,} examples** · format **{p['format']}** ({html.escape(p['reason'])})"]
+    if p["token_stats"]:
+        s = p["token_stats"]
+        info.append(f"tokens per example: min {s['min']}, mean {s['mean']}, p50 {s['p50']}, p95 {s['p95']}, "
+                    f"max {s['max']}; {s['truncated']} of {s['counted']} longer than max_length {int(max_length)}")
+    if p["labels"]:
+        info.append("labels: " + ", ".join(f"{html.escape(str(k))} ({v})" for k, v in p["labels"].items()))
+    return rows, "<br>".join(info), None
+
+
+def _cell(v) -> str:
+    s = v if isinstance(v, str) else str(v)
+    return s if len(s) <= 300 else s[:300] + "…"
+
+
+def build(runs_dir: Path) -> SimpleNamespace:
+    ui = SimpleNamespace()
+    with gr.Row():
+        ui.dataset_select = gr.Dropdown(dataset_choices(runs_dir), value=default_dataset("causal_lm"),
+                                        label="Dataset", elem_id="dataset-select", scale=3, info=DATA_HELP["path"])
+        ui.data_format = gr.Dropdown(list(DATA_FORMATS), value="auto", label="Format", scale=1,
+                                     info=DATA_HELP["format"])
+        ui.dataset_upload = gr.UploadButton("Upload a dataset", file_types=UPLOAD_KINDS, elem_id="dataset-upload",
+                                            scale=1)
+    with gr.Row():
+        ui.max_length = gr.Slider(16, 4096, value=256, step=16, label="max_length", info=DATA_HELP["max_length"])
+        ui.eval_fraction = gr.Slider(0.0, 0.5, value=0.1, step=0.01, label="eval_fraction",
+                                     info=DATA_HELP["eval_fraction"])
+        ui.packing = gr.Checkbox(True, label="packing", info=DATA_HELP["packing"])
+        ui.train_on_prompt = gr.Checkbox(False, label="train_on_prompt", info=DATA_HELP["train_on_prompt"])
+    ui.data_info = gr.Markdown(elem_id="data-info")
+    ui.dataset_preview = gr.Dataframe(elem_id="dataset-preview", label="First rows", wrap=True, max_height=360,
+                                      interactive=False)
+    ui.data_error = gr.State(None)
+    ui.inputs = [ui.dataset_select, ui.data_format, ui.eval_fraction, ui.max_length, ui.packing, ui.train_on_prompt]
+    return ui

@@ -1,0 +1,236 @@
+"""Model tab: pick a model, tick LoRA targets in its tree, move sliders, see the live count.
+
+Handlers are plain functions of widget values returning plain values (and a few gr.update
+calls for choices); they are tested without a browser.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import gradio as gr
+
+from .. import lora, models
+from ..config import ConfigError, LoraSettings, field_help, parse_layers
+from ..tree import ModelTree, human, model_tree
+from .charts import param_chart
+from .tree_view import ModuleTree, leaf_index, render_tree
+
+DEFAULT_MODEL = "tiny-llama"
+ALL_LINEAR_CHOICE = "all-linear"
+LORA_HELP = field_help(LoraSettings)
+
+
+def model_choices() -> list[tuple[str, str]]:
+    out = []
+    for entry in models.catalog():
+        tag = "explore only" if entry["explore_only"] else "built-in"
+        out.append((f"{entry['name']}  ·  {tag}", entry["name"]))
+    return out
+
+
+@dataclass
+class Selection:
+    """What the widgets say, turned into LoRA settings for the engine."""
+
+    ref: str
+    task: str
+    tree: ModelTree
+    settings: LoraSettings
+    error: str | None = None
+
+
+def default_targets(tree: ModelTree) -> list[str]:
+    """q+v style default: the attention query/value projections if the model has them."""
+    sets = lora.target_sets(tree)
+    qv = sets.get("q+v") or []
+    return qv if isinstance(qv, list) else []
+
+
+def load(ref: str, task: str | None = None):
+    """Build the tree of `ref` (meta device) and the default selection.
+
+    Returns (tree_html, selected keys, type choices update, selected types, summary markdown,
+    model state dict).
+    """
+    ref = (ref or "").strip() or DEFAULT_MODEL
+    try:
+        src = models.resolve(ref)
+        task = task or src.default_task
+        tree = model_tree(ref, task)
+    except ConfigError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    index = leaf_index(tree)
+    wanted = default_targets(tree)
+    keys = [k for k, paths in index.items() if any(p == w or p.endswith("." + w) for p in paths for w in wanted)]
+    types = tree.targetable_types()
+    chosen_types = types_from_keys(tree, keys)
+    summary = summary_markdown(ref, src, tree)
+    state = {"ref": ref, "task": task, "explore_only": src.explore_only}
+    return (gr.update(tree_html=render_tree(tree), value=keys),
+            gr.update(choices=types + [ALL_LINEAR_CHOICE], value=chosen_types), summary, state)
+
+
+def summary_markdown(ref: str, src, tree: ModelTree) -> str:
+    s = models.summary(ref)
+    bits = [f"**{html.escape(tree.cls)}**", f"{human(tree.total_params)} parameters ({tree.total_params:,})",
+            f"task `{tree.task}`"]
+    if s.get("num_hidden_layers"):
+        bits.append(f"{s['num_hidden_layers']} layers, hidden {s.get('hidden_size')}")
+    if src.explore_only:
+        bits.append("**explore only**: config without weights, built on the meta device; "
+                    "counts are exact, training needs a model with weights")
+    else:
+        mb = tree.total_params * 4 / 2**20
+        bits.append(f"weights on CPU in float32: {mb:,.1f} MB")
+    return " · ".join(bits)
+
+
+def types_from_keys(tree: ModelTree, keys: list[str]) -> list[str]:
+    """Leaf types whose every module is ticked (plus all-linear when that set is exactly ticked)."""
+    index = leaf_index(tree)
+    chosen = set(keys)
+    by_type: dict[str, list[str]] = {}
+    for k in index:
+        by_type.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    out = [t for t, ks in by_type.items() if all(k in chosen for k in ks)]
+    if _paths(tree, keys) == set(tree.all_linear) and tree.all_linear:
+        out.append(ALL_LINEAR_CHOICE)
+    return out
+
+
+def keys_from_types(tree: ModelTree, types: list[str], previous: list[str], previous_types: list[str]) -> list[str]:
+    """Apply a change of the type checkboxes to the tree selection (other ticks are kept)."""
+    index = leaf_index(tree)
+    keys = set(previous or [])
+    added = set(types) - set(previous_types or [])
+    removed = set(previous_types or []) - set(types)
+    if ALL_LINEAR_CHOICE in added:
+        linear = set(tree.all_linear)
+        keys |= {k for k, paths in index.items() if set(paths) <= linear}
+    if ALL_LINEAR_CHOICE in removed:
+        linear = set(tree.all_linear)
+        keys -= {k for k, paths in index.items() if set(paths) <= linear}
+    for t in added - {ALL_LINEAR_CHOICE}:
+        keys |= {k for k in index if k.rsplit(".", 1)[-1] == t}
+    for t in removed - {ALL_LINEAR_CHOICE}:
+        keys -= {k for k in index if k.rsplit(".", 1)[-1] == t}
+    return [k for k in index if k in keys]
+
+
+def _paths(tree: ModelTree, keys: list[str]) -> set[str]:
+    index = leaf_index(tree)
+    out: set[str] = set()
+    for k in keys or []:
+        out.update(index.get(k, ()))  # anything posted that is not a real module is ignored
+    return out
+
+
+def parse_rank_pattern(text: str) -> dict[str, int]:
+    out = {}
+    for part in (text or "").replace("\n", ",").split(","):
+        if not part.strip():
+            continue
+        name, sep, val = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = int(val)
+        except ValueError:
+            raise ConfigError(f"rank pattern {part.strip()!r} is not NAME=RANK (e.g. q_proj=16)") from None
+    return out
+
+
+def selection(state: dict, keys: list[str], layers: str, r: float, alpha: float, dropout: float, bias: str,
+              rslora: bool, dora: bool, mts: str, rank_pattern: str) -> Selection:
+    """Widget values -> LoRA settings; `error` says why they can't train (never raises)."""
+    ref, task = state.get("ref", DEFAULT_MODEL), state.get("task", "causal_lm")
+    tree = model_tree(ref, task)
+    error = None
+    try:
+        layer_list = parse_layers(layers, "layers")
+        targets = lora.compact_targets(tree, _paths(tree, keys), allow_string=layer_list is None)
+        settings = LoraSettings(
+            r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets or ["(none)"],
+            layers_to_transform=layer_list, bias=bias, use_rslora=bool(rslora), use_dora=bool(dora),
+            modules_to_save=[m.strip() for m in (mts or "").split(",") if m.strip()] or None,
+            rank_pattern=parse_rank_pattern(rank_pattern))
+        settings.validate()
+        if not targets:
+            error = "no LoRA target is ticked: tick modules in the tree or a type above"
+    except ConfigError as e:
+        settings = LoraSettings(r=max(1, int(r or 1)), lora_alpha=max(float(alpha or 1), 1e-6),
+                                target_modules=["(none)"])
+        error = str(e)
+    return Selection(ref, task, tree, settings, error)
+
+
+def count_view(sel: Selection) -> tuple[str, object, str | None]:
+    """(param-count HTML, param-chart figure, reason training can't start or None)."""
+    if sel.error:
+        return _count_html(None, sel, sel.error), param_chart({}, {}), sel.error
+    try:
+        c = lora.check(sel.tree, sel.settings)
+    except ConfigError as e:
+        return _count_html(None, sel, str(e)), param_chart({}, {}), str(e)
+    return _count_html(c, sel, None), param_chart(c.by_type, c.by_layer), None
+
+
+def _count_html(c, sel: Selection, error: str | None) -> str:
+    scaling = sel.settings.scaling
+    if c is None:
+        return (f"<div class='pc pc-err'><b>No count:</b> {html.escape(error or '')}</div>")
+    return (
+        f"<div class='pc'><div class='pc-big'><span class='pc-trainable' data-trainable='{c.trainable}'>"
+        f"{c.trainable:,}</span> trainable of {c.total:,} parameters "
+        f"(<b>{c.trainable_percent:.4f}%</b>)</div>"
+        f"<div>adapter: {c.adapter_mb['float32']:,.2f} MB float32 · {c.adapter_mb['bfloat16']:,.2f} MB bfloat16"
+        f" · scaling {'α/√r' if sel.settings.use_rslora else 'α/r'} = {scaling:g}"
+        f" · {len(c.matched_modules)} modules adapted</div>"
+        f"<div class='pc-targets'>target_modules: <code>{html.escape(str(sel.settings.target_modules))}</code>"
+        + (f" · layers_to_transform: <code>{sel.settings.layers_to_transform}</code>"
+           if sel.settings.layers_to_transform else "")
+        + (f" · modules_to_save: <code>{', '.join(c.modules_to_save)}</code>" if c.modules_to_save else "")
+        + "</div></div>")
+
+
+def build(model_state: gr.State) -> SimpleNamespace:
+    """The Model tab's components; events are wired by the caller (they touch other tabs)."""
+    ui = SimpleNamespace()
+    with gr.Row():
+        ui.model_select = gr.Dropdown(model_choices(), value=DEFAULT_MODEL, allow_custom_value=True,
+                                      label="Model", elem_id="model-select", scale=4,
+                                      info="built-in, preset (explore only), a local folder or a Hub id")
+        ui.task = gr.Radio(["causal_lm", "seq_cls"], value="causal_lm", label="Task", scale=2,
+                           info="seq_cls adds a classification head trained in full")
+        ui.model_load = gr.Button("Load", variant="primary", elem_id="model-load", scale=1)
+    ui.summary = gr.Markdown(elem_id="model-summary")
+    with gr.Row():
+        with gr.Column(scale=3):
+            ui.target_types = gr.CheckboxGroup([], label="Target module types", elem_id="target-types",
+                                               show_select_all=True,
+                                               info="one box per layer type; all-linear = every Linear but the head")
+            ui.module_tree = ModuleTree(elem_id="module-tree", label="Module tree")
+        with gr.Column(scale=2):
+            ui.lora_r = gr.Slider(1, 256, value=8, step=1, label="r (rank)", elem_id="lora-r", info=LORA_HELP["r"])
+            ui.lora_alpha = gr.Slider(1, 512, value=16, step=1, label="lora_alpha", elem_id="lora-alpha",
+                                      info=LORA_HELP["lora_alpha"])
+            ui.lora_dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="lora_dropout",
+                                        elem_id="lora-dropout", info=LORA_HELP["lora_dropout"])
+            ui.layers = gr.Textbox(label="Layers (layers_to_transform)", placeholder="all layers, or e.g. 0-3,8",
+                                   elem_id="lora-layers", info=LORA_HELP["layers_to_transform"])
+            with gr.Accordion("Advanced", open=False):
+                ui.bias = gr.Radio(["none", "all", "lora_only"], value="none", label="bias", info=LORA_HELP["bias"])
+                ui.rslora = gr.Checkbox(False, label="use_rslora", info=LORA_HELP["use_rslora"])
+                ui.dora = gr.Checkbox(False, label="use_dora", info=LORA_HELP["use_dora"])
+                ui.mts = gr.Textbox(label="modules_to_save", placeholder="e.g. lm_head", info=LORA_HELP["modules_to_save"])
+                ui.rank_pattern = gr.Textbox(label="rank_pattern (per-type rank)", placeholder="q_proj=16, v_proj=4",
+                                             info=LORA_HELP["rank_pattern"])
+            ui.param_count = gr.HTML(elem_id="param-count")
+    ui.param_chart = gr.Plot(elem_id="param-chart", label="Trainable parameters")
+    ui.types_state = gr.State([])
+    ui.lora_inputs = [model_state, ui.module_tree, ui.layers, ui.lora_r, ui.lora_alpha, ui.lora_dropout, ui.bias,
+                      ui.rslora, ui.dora, ui.mts, ui.rank_pattern]
+    return ui
