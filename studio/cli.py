@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sweep", action="store_true", help="table over r in 1..128 and common target sets")
     c.add_argument("--json", action="store_true")
     c.add_argument("--trust-remote-code", action="store_true")
+
+    from .cli_runs import add_parsers
+
+    add_parsers(sub)
     return p
 
 
@@ -135,14 +139,17 @@ def _print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
-COMMANDS = {"tree": cmd_tree, "count": cmd_count}
+def _commands() -> dict:
+    from .cli_runs import COMMANDS as ENGINE
+
+    return {"tree": cmd_tree, "count": cmd_count, **ENGINE}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.cmd](args)
+        return _commands()[args.cmd](args)
     except ConfigError as e:
         print(f"studio {args.cmd}: {e}", file=sys.stderr)
         return 2

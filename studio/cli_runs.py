@@ -1,0 +1,276 @@
+"""`studio train / runs / stop / merge / analyze / serve`: the engine commands of the CLI.
+
+Parsers are added to the main parser by `add_parsers`; each command is a plain function of
+the parsed arguments returning an exit status. Errors that are the user's input raise
+ConfigError (exit 2 with one line); the caller in cli.py turns them into messages.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def add_parsers(sub) -> None:
+    t = sub.add_parser("train", help="start a training run from a YAML config (or resume one) and follow it")
+    t.add_argument("config", nargs="?", help="run config YAML (see README)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or failed run from its last checkpoint")
+    t.add_argument("--runs-dir", default=None, help="where runs are kept (default ./runs or STUDIO_RUNS_DIR)")
+    t.add_argument("--nproc", type=int, default=1, help="processes (DDP under accelerate launch)")
+    t.add_argument("--accelerate-config", default=None, help="an accelerate config file (multi-GPU, FSDP, DeepSpeed)")
+    t.add_argument("--detach", action="store_true", help="start the run and return; follow it with `studio runs`")
+
+    r = sub.add_parser("runs", help="list runs with state, step and last loss")
+    r.add_argument("--runs-dir", default=None)
+    r.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("stop", help="stop a run: it ends the current step and saves the adapter")
+    s.add_argument("run_dir")
+    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the run to end (0: don't wait)")
+
+    m = sub.add_parser("merge", help="merge an adapter into its base model (streaming, shard by shard)")
+    m.add_argument("run_dir", nargs="?", help="a run folder with a final adapter")
+    m.add_argument("--base", help="base model folder (with --adapter, instead of a run)")
+    m.add_argument("--adapter", help="PEFT adapter folder (with --base)")
+    m.add_argument("--out", help="output folder (default RUN_DIR/merged)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
+    m.add_argument("--verify", action="store_true", help="compare logits of the merged model and base + adapter")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("analyze", help="what an adapter learned (LoRA paper, section 7)")
+    asub = a.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    ss = asub.add_parser("subspace", help="subspace similarity phi(i, j) between two adapters")
+    ss.add_argument("run_a")
+    ss.add_argument("run_b")
+    ss.add_argument("--module", default=None, help="module path or suffix (default: the first common one)")
+    ss.add_argument("--which", choices=["A", "B"], default="A")
+    ss.add_argument("--json", action="store_true")
+    am = asub.add_parser("amplification", help="how much delta W amplifies directions of W")
+    am.add_argument("run")
+    am.add_argument("--json", action="store_true")
+    sp = asub.add_parser("spectrum", help="singular values of delta W per module")
+    sp.add_argument("run")
+    sp.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("serve", help="start the web UI (same as python app.py)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=7860)
+    v.add_argument("--auth", default=None, help="USER:PASSWORD (or STUDIO_AUTH)")
+    v.add_argument("--runs-dir", default=None)
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, default=str)
+    sys.stdout.write("\n")
+
+
+# --- train / runs / stop -------------------------------------------------------------------
+
+def cmd_train(a) -> int:
+    from . import runs
+
+    if a.resume:
+        if a.config:
+            raise ConfigError("give either CONFIG.yaml or --resume RUN_DIR, not both")
+        run_dir = runs.resume_run(a.resume)
+    elif a.config:
+        cfg = load_config(a.config)
+        from .data import load_records
+
+        load_records(cfg.data.path, cfg.data.format)  # refuse bad data before any process starts
+        run_dir = runs.start_run(cfg, a.runs_dir, nproc=a.nproc, accelerate_config=a.accelerate_config)
+    else:
+        raise ConfigError("studio train needs CONFIG.yaml or --resume RUN_DIR")
+    print(f"run: {run_dir}", file=sys.stderr)
+    if a.detach:
+        print(str(run_dir))
+        return 0
+    return follow(run_dir)
+
+
+def follow(run_dir: Path) -> int:
+    """Follow a run with a progress bar; Ctrl-C asks the run to stop and waits for it."""
+    from . import runs
+
+    bar = ProgressLine(sys.stderr)
+    try:
+        st = runs.follow(run_dir, bar.update)
+    except KeyboardInterrupt:
+        bar.note("stopping: the trainer finishes this step and saves the adapter (Ctrl-C again to leave it)")
+        try:
+            runs.stop_run(run_dir)
+            st = runs.follow(run_dir, bar.update)
+        except KeyboardInterrupt:
+            bar.note(f"left running in the background: studio stop {run_dir}")
+            return 130
+    bar.done(st)
+    print(str(run_dir))
+    return 0 if st["state"] in ("completed", "stopped") else 1
+
+
+class ProgressLine:
+    """A one-line progress bar with ETA on a terminal; plain lines every few seconds otherwise."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_print = 0.0
+        self.loss = None
+
+    def update(self, st: dict, rows: list[dict]) -> None:
+        for r in rows:
+            if r.get("loss") is not None:
+                self.loss = r["loss"]
+        step, total = st.get("step") or 0, st.get("max_steps") or 0
+        frac = step / total if total else 0.0
+        eta = st.get("eta_s")
+        text = (f"{st.get('state', '?'):>9} {step:>6}/{total:<6} "
+                + (f"loss {self.loss:.4f} " if self.loss is not None else "")
+                + (f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s" if eta is not None and st.get("state") == "running" else ""))
+        if self.tty:
+            width = 30
+            filled = int(width * frac)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\033[K")
+            self.stream.flush()
+        elif time.monotonic() - self.last_print > 5 or st.get("state") in ("completed", "stopped", "failed", "diverged"):
+            self.stream.write(text.strip() + "\n")
+            self.last_print = time.monotonic()
+
+    def note(self, msg: str) -> None:
+        self.stream.write(("\n" if self.tty else "") + msg + "\n")
+
+    def done(self, st: dict) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        if st.get("state") in ("failed", "diverged") and st.get("error"):
+            self.stream.write(f"run {st['state']}: {st['error']}\n")
+        else:
+            self.stream.write(f"run {st.get('state')} at step {st.get('step')}\n")
+
+
+def cmd_runs(a) -> int:
+    from . import runs
+
+    listed = runs.list_runs(a.runs_dir)
+    if a.json:
+        keys = ("id", "dir", "state", "step", "max_steps", "last_loss", "eval_loss", "error")
+        _print_json({"runs": [{k: r.get(k) for k in keys} for r in listed]})
+        return 0
+    if not listed:
+        print(f"no runs in {runs.runs_dir(a.runs_dir)}")
+        return 0
+    print(f"{'id':<40} {'state':<10} {'step':>11}  {'last loss':>9}  {'eval loss':>9}")
+    for r in listed:
+        steps = f"{r['step'] or 0}/{r['max_steps'] or '?'}"
+        ll = f"{r['last_loss']:.4f}" if isinstance(r.get("last_loss"), (int, float)) else "-"
+        el = f"{r['eval_loss']:.4f}" if isinstance(r.get("eval_loss"), (int, float)) else "-"
+        print(f"{r['id']:<40} {r['state']:<10} {steps:>11}  {ll:>9}  {el:>9}")
+    return 0
+
+
+def cmd_stop(a) -> int:
+    from . import runs
+
+    d = Path(a.run_dir)
+    if not (d / runs.CONFIG).is_file():
+        raise ConfigError(f"{d} is not a run folder (no {runs.CONFIG})")
+    st = runs.stop_run(d, timeout=a.wait or None)
+    print(f"{d.name}: {st['state']} at step {st.get('step')}")
+    return 0
+
+
+# --- merge ---------------------------------------------------------------------------------
+
+def cmd_merge(a) -> int:
+    from . import merge
+
+    def progress(done: int, total: int, what: str) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\rmerging {done}/{total} {what[:60]}\033[K")
+            sys.stderr.flush()
+
+    if a.run_dir and (a.base or a.adapter):
+        raise ConfigError("give either RUN_DIR or --base and --adapter, not both")
+    if a.run_dir:
+        rep = merge.merge_run(a.run_dir, a.out, dtype=a.dtype, verify=a.verify, overwrite=a.overwrite,
+                              progress=progress)
+    elif a.base and a.adapter and a.out:
+        rep = merge.merge(a.base, a.adapter, a.out, dtype=a.dtype, verify=a.verify, overwrite=a.overwrite,
+                          progress=progress)
+    else:
+        raise ConfigError("studio merge needs RUN_DIR, or --base MODEL_DIR --adapter ADAPTER_DIR --out DIR")
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    d = rep.to_dict()
+    if a.json:
+        _print_json(d)
+        return 0
+    print(f"merged {d['tensors_merged']} tensors ({d['tensors_copied']} copied, {d.get('tensors_replaced', 0)} "
+          f"replaced) into {d['out']} in {d['seconds']:.2f} s, peak RSS {d['peak_rss_mb']:.0f} MB")
+    if d.get("max_abs_logit_diff") is not None:
+        print(f"verify: max |logits merged - base+adapter| = {d['max_abs_logit_diff']:.3g}; "
+              f"differs from base: {d['differs_from_base']}")
+    return 0
+
+
+# --- analyze -------------------------------------------------------------------------------
+
+def cmd_analyze(a) -> int:
+    from . import analysis
+
+    if a.analysis == "subspace":
+        out = analysis.subspace_similarity(a.run_a, a.run_b, module=a.module, which=a.which)
+        if a.json:
+            _print_json(out)
+            return 0
+        print(f"subspace similarity of {a.which} for {out['module']} (r1={out['r1']}, r2={out['r2']}, "
+              f"dim {out['dim']}); random subspaces give about max(i, j)/{out['dim']}")
+        grid = out["phi"]
+        show = [i for i in (1, 2, 4, 8, 16, 32, 64) if i <= out["r1"]]
+        cols = [j for j in (1, 2, 4, 8, 16, 32, 64) if j <= out["r2"]]
+        print("  i\\j " + "".join(f"{j:>7}" for j in cols))
+        for i in show:
+            print(f"{i:>5} " + "".join(f"{grid[i - 1][j - 1]:>7.3f}" for j in cols))
+        s = out["summary"]
+        print(f"over {s['modules']} modules: mean phi(1,1) {s['phi_1_1_mean']:.3f}, mean phi {s['phi_mean']:.3f}")
+        return 0
+    if a.analysis == "amplification":
+        rows = analysis.amplification(a.run)
+        if a.json:
+            _print_json({"modules": rows})
+            return 0
+        print(f"{'module':<48} {'r':>3} {'|dW|F':>9} {'|U^T W V|F':>11} {'|W|F':>9} {'amplif.':>8} {'random':>8}")
+        for r in rows:
+            print(f"{r['module'][-48:]:<48} {r['r']:>3} {r['delta_w_norm']:>9.4g} {r['projected_w_norm']:>11.4g} "
+                  f"{r['w_norm']:>9.4g} {r['amplification']:>8.3g} {r['random_amplification']:>8.3g}")
+        return 0
+    rows = analysis.spectrum(a.run)
+    if a.json:
+        _print_json({"modules": rows})
+        return 0
+    print(f"{'module':<48} {'r':>3} {'sigma_1':>9} {'90% energy':>10} {'eff. rank':>9}  top singular values")
+    for r in rows:
+        top = ", ".join(f"{s:.3g}" for s in r["singular_values"][:4])
+        print(f"{r['module'][-48:]:<48} {r['r']:>3} {r['spectral_norm']:>9.4g} {r['energy_rank_90']:>10} "
+              f"{r['entropy_rank']:>9.2f}  {top}")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from .ui.app import launch, parse_auth
+
+    try:
+        parse_auth(a.auth)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    launch(a.host, a.port, a.auth, a.runs_dir)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "runs": cmd_runs, "stop": cmd_stop, "merge": cmd_merge, "analyze": cmd_analyze,
+            "serve": cmd_serve}
