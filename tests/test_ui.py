@@ -1,0 +1,148 @@
+"""UI handlers as plain functions: no browser, same code paths the events call."""
+
+import json
+
+import pytest
+
+from studio import lora
+from studio.config import LoraSettings
+from studio.tree import model_tree
+from studio.ui import data_tab, model_tab, runs_tab, train_tab
+from studio.ui.tree_view import leaf_index, render_tree
+
+LLAMA = {"ref": "tiny-llama", "task": "causal_lm", "explore_only": False}
+
+
+def defaults(keys, layers="", r=8, alpha=16, dropout=0.0, bias="none", rslora=False, dora=False, mts="", rp=""):
+    return [keys, layers, r, alpha, dropout, bias, rslora, dora, mts, rp]
+
+
+def test_load_selects_query_value_and_lists_types():
+    tree_upd, types_upd, summary, state = model_tab.load("tiny-llama")
+    assert state == LLAMA
+    keys = tree_upd["value"]
+    assert keys == ["model.layers.0-3.self_attn.q_proj", "model.layers.0-3.self_attn.v_proj"]
+    assert types_upd["value"] == ["q_proj", "v_proj"]
+    assert "all-linear" in types_upd["choices"] and "lm_head" in types_upd["choices"]
+    assert "1.67M parameters" in summary
+    assert "data-key='model.layers.0-3.self_attn.q_proj'" in tree_upd["tree_html"]
+
+
+def test_count_shown_equals_the_engine_count():
+    keys = ["model.layers.0-3.self_attn.q_proj", "model.layers.0-3.self_attn.v_proj"]
+    sel = model_tab.selection(LLAMA, *defaults(keys, r=16, alpha=32))
+    html, fig, reason = model_tab.count_view(sel)
+    expected = lora.count(model_tree("tiny-llama"), LoraSettings(r=16, target_modules=["q_proj", "v_proj"]))
+    assert reason is None and f"data-trainable='{expected.trainable}'" in html
+    assert sel.settings.target_modules == ["q_proj", "v_proj"] and sel.settings.scaling == 2.0
+
+
+def test_layer_range_and_partial_tree_selection_compile_to_exact_targets():
+    tree = model_tree("tiny-gpt2")
+    keys = ["transformer.h.0-3.attn.c_proj"]
+    sel = model_tab.selection({"ref": "tiny-gpt2", "task": "causal_lm"}, *defaults(keys, layers="0-1"))
+    assert sel.settings.target_modules == ["attn.c_proj"] and sel.settings.layers_to_transform == [0, 1]
+    res = lora.resolve_targets(tree, sel.settings)
+    assert res.matched == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+
+
+def test_all_linear_selection_becomes_the_all_linear_shorthand():
+    tree = model_tree("tiny-llama")
+    keys = model_tab.keys_from_types(tree, ["all-linear"], [], [])
+    sel = model_tab.selection(LLAMA, *defaults(keys))
+    assert sel.settings.target_modules == "all-linear"
+    assert "all-linear" in model_tab.types_from_keys(tree, keys)
+    # with a layer range PEFT needs names, not the string: the same modules by name
+    sel = model_tab.selection(LLAMA, *defaults(keys, layers="1"))
+    assert isinstance(sel.settings.target_modules, list)
+    assert len(lora.count(tree, sel.settings).matched_modules) == 7
+
+
+def test_type_checkboxes_and_tree_stay_in_sync():
+    tree = model_tree("tiny-llama")
+    keys = model_tab.keys_from_types(tree, ["q_proj"], [], [])
+    assert keys == ["model.layers.0-3.self_attn.q_proj"]
+    keys = model_tab.keys_from_types(tree, ["q_proj", "lm_head"], keys, ["q_proj"])
+    assert keys == ["model.layers.0-3.self_attn.q_proj", "lm_head"]
+    assert model_tab.types_from_keys(tree, keys) == ["q_proj", "lm_head"]
+    keys = model_tab.keys_from_types(tree, ["lm_head"], keys, ["q_proj", "lm_head"])
+    assert keys == ["lm_head"]
+
+
+def test_posted_keys_that_are_not_modules_are_ignored():
+    sel = model_tab.selection(LLAMA, *defaults(["model.layers.0-3.self_attn.q_proj", "../../etc/passwd", "x"]))
+    assert sel.settings.target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(keys=[]), "no LoRA target is ticked"),
+    (dict(keys=["lm_head"], layers="3-1"), "layers"),
+    (dict(keys=["lm_head"], rp="q_proj:4"), "rank pattern 'q_proj:4' is not NAME=RANK"),
+    (dict(keys=["lm_head"], dropout=1.0), "lora_dropout"),
+])
+def test_invalid_settings_give_a_reason_that_disables_start(kwargs, needle):
+    keys = kwargs.pop("keys")
+    sel = model_tab.selection(LLAMA, *defaults(keys, **kwargs))
+    html, _, reason = model_tab.count_view(sel)
+    assert reason and needle in reason and "No count" in html
+
+
+def test_explore_only_preset_counts_but_cannot_train():
+    tree_upd, _, summary, state = model_tab.load("llama-3.1-405b")
+    assert state["explore_only"] and "explore only" in summary
+    assert "(0-125) 126 ×" in tree_upd["tree_html"]
+    with pytest.raises(Exception, match="explore-only"):
+        train_tab.build_config(state, defaults(tree_upd["value"]), ["x.jsonl", "auto", 0.1, 64, True, False],
+                               [1e-3, 10, 1, 2, 1, "cosine", 0.0, 5, 5, 0])
+
+
+def test_build_config_is_the_yaml_the_cli_repeats(tmp_path):
+    from studio.config import load_config
+
+    path = data_tab.default_dataset("causal_lm")
+    cfg = train_tab.build_config(LLAMA, defaults(["model.layers.0-3.self_attn.q_proj"], r=4, alpha=8),
+                                 [path, "auto", 0.1, 64, True, False], [2e-3, 30, 1, 4, 2, "linear", 0.1, 10, 10, 7])
+    cfg.save(tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg and again.lora.r == 4 and again.train.gradient_accumulation_steps == 2
+    assert again.lora.target_modules == ["q_proj"]
+
+
+def test_render_tree_marks_every_lora_leaf_and_no_other():
+    tree = model_tree("tiny-gpt2")
+    html = render_tree(tree)
+    assert html.count("data-leaf") == len(leaf_index(tree)) == 7
+    assert "LayerNorm" in html and "leaf-off" in html
+
+
+def test_upload_is_checked_renamed_safely_and_kept_under_uploads(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    good = src / "my data (1).jsonl"
+    good.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"text": "world"}) + "\n")
+    runs = tmp_path / "runs"
+    dest = data_tab.save_upload(str(good), runs)
+    assert dest == str(runs / "uploads" / "my_data_1_.jsonl")
+    assert data_tab.safe_upload_name("../../etc/passwd.jsonl") == "passwd.jsonl"
+    assert data_tab.safe_upload_name("..\\..\\x.csv") == "x.csv"
+    bad = src / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(Exception, match=r"bad.jsonl:2"):
+        data_tab.save_upload(str(bad), runs)
+    assert sorted(p.name for p in (runs / "uploads").iterdir()) == ["my_data_1_.jsonl"]
+
+
+def test_preview_reports_format_and_token_stats():
+    rows, info, err = data_tab.preview(data_tab.default_dataset("causal_lm"), "auto", 256, LLAMA)
+    assert err is None and rows and "format **alpaca**" in info and "tokens per example" in info
+
+
+def test_runs_tab_refuses_ids_that_are_not_run_folders(tmp_path):
+    for bad in ("..", "../x", "/etc", "nope"):
+        with pytest.raises(Exception):
+            runs_tab._dir(tmp_path, bad)
+
+
+def test_status_view_without_a_run():
+    html, bar, active = train_tab.status_view({"dir": None})
+    assert "No run yet" in html and not active

@@ -1,0 +1,174 @@
+"""The whole point-and-click path in a real browser (system Chromium through playwright).
+
+Starts `python app.py` on a free 127.0.0.1 port with a temporary runs folder, and stops it
+afterwards. Screenshots of each tab go to test-artifacts/ (not committed).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    port = _free_port()
+    log = open(runs.parent / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs-dir", str(runs)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(runs.parent / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield url, runs
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is missing: `make test` installs it (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1300}, accept_downloads=True)
+        pg.set_default_timeout(60_000)
+        yield pg
+        browser.close()
+
+
+def _shot(page, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _points(page) -> int:
+    return page.locator("#loss-plot .js-plotly-plot").evaluate(
+        "d => (d.data || []).filter(t => t.name === 'train loss').map(t => t.x.length).concat([0])[0]")
+
+
+def _wait(predicate, timeout=120, step=0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out waiting")
+
+
+def _trainable(page) -> int:
+    return int(page.locator("#param-count .pc-trainable").get_attribute("data-trainable"))
+
+
+def test_point_and_click_fine_tune_merge_and_download(server, page):
+    from studio import lora
+    from studio.config import LoraSettings
+    from studio.tree import model_tree
+
+    url, runs = server
+    page.goto(url)
+    page.wait_for_selector("#module-tree input[data-leaf]")
+    _wait(lambda: page.locator("#param-count .pc-trainable").count())
+
+    # tick q_proj and v_proj (q and v are the default; untick all, then tick them in the tree)
+    ticked = page.locator("#module-tree input[data-leaf]:checked")
+    while ticked.count():
+        ticked.first.uncheck()
+    _wait(lambda: "No count" in page.locator("#param-count").inner_text())
+    page.locator("#module-tree input[data-key$='self_attn.q_proj']").check()
+    page.locator("#module-tree input[data-key$='self_attn.v_proj']").check()
+    # set r = 4 (and alpha follows the slider's own value)
+    r_box = page.locator("#lora-r input[type=number]")
+    r_box.fill("4")
+    r_box.press("Enter")
+    expected = lora.count(model_tree("tiny-llama"), LoraSettings(r=4, target_modules=["q_proj", "v_proj"])).trainable
+    _wait(lambda: _trainable(page) == expected, timeout=30)
+    # the type checkboxes followed the tree
+    checked = page.locator("#target-types input:checked")
+    assert checked.count() == 2
+    _shot(page, "model")
+
+    page.get_by_role("tab", name="Data").click()
+    page.wait_for_selector("#dataset-preview table")
+    assert "format alpaca" in page.locator("#data-info").inner_text().replace("*", "")
+    _shot(page, "data")
+
+    page.get_by_role("tab", name="Train").click()
+    steps = page.get_by_label("max_steps")
+    steps.fill("400")
+    steps.press("Tab")
+    page.locator("#train-start").click()
+    _wait(lambda: _points(page) >= 3, timeout=180)
+    first = _points(page)
+    _wait(lambda: _points(page) > first + 2, timeout=120)
+    assert "running" in page.locator("#run-status").inner_text()
+    _shot(page, "train")
+
+    # reload: the page re-attaches and shows the whole curve so far, then keeps growing
+    before = _points(page)
+    page.reload()
+    page.wait_for_selector("#module-tree input[data-leaf]")
+    page.get_by_role("tab", name="Train").click()
+    _wait(lambda: _points(page) >= before, timeout=60)
+    after = _points(page)
+    _wait(lambda: _points(page) > after, timeout=120)
+
+    # a second Start while this run trains is refused
+    assert page.locator("#train-start").is_disabled()
+    assert "a run is training" in page.locator("#start-reason").inner_text()
+
+    page.locator("#train-stop").click()
+    _wait(lambda: "stopped" in page.locator("#run-status").inner_text(), timeout=120)
+    run_dir = next(p for p in runs.iterdir() if (p / "config.yaml").is_file())
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    page.get_by_role("tab", name="Runs").click()
+    _wait(lambda: "stopped" in page.locator("#runs-table").inner_text(), timeout=30)
+    _shot(page, "runs")
+
+    page.get_by_role("tab", name="Export").click()
+    _wait(lambda: page.locator("#download-adapter").is_enabled(), timeout=60)
+    page.locator("#merge-btn").click()
+    _wait(lambda: "verification" in page.locator("#merge-report").inner_text(), timeout=180)
+    report = page.locator("#merge-report").inner_text()
+    assert "✔" in report and "differs from base: True" in report
+    assert float(page.locator("#merge-report .mdiff").inner_text()) < 1e-3
+    _shot(page, "export")
+
+    with page.expect_download() as dl:
+        page.locator("#download-adapter").click()
+    path = dl.value.path()
+    with zipfile.ZipFile(path) as z:
+        names = {Path(n).name for n in z.namelist()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= names
