@@ -146,3 +146,11 @@ def test_runs_tab_refuses_ids_that_are_not_run_folders(tmp_path):
 def test_status_view_without_a_run():
     html, bar, active = train_tab.status_view({"dir": None})
     assert "No run yet" in html and not active
+
+
+def test_cost_explorer_covers_ranks_and_target_sets():
+    fig, table = model_tab.sweep_view({"ref": "llama-3.1-70b", "task": "causal_lm"})
+    assert len(table) == 32 and set(table["targets"]) == {"q+v", "attention", "mlp", "all-linear"}
+    assert len(fig.data) == 4
+    row = table[(table["targets"] == "all-linear") & (table["r"] == 64)].iloc[0]
+    assert row["trainable"] == "828,375,040"  # what `studio count --targets all-linear --r 64` says

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import runs
-from . import data_tab, export_tab, model_tab, runs_tab, train_tab
+from . import analysis_tab, data_tab, export_tab, model_tab, runs_tab, train_tab
 
 CSS = """
 .pc { padding: 10px 12px; border-radius: 8px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
@@ -57,11 +57,14 @@ def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
                 r = runs_tab.build(root)
             with gr.Tab("Export", id="tab-export") as export_tab_el:
                 x = export_tab.build(root)
+            with gr.Tab("Analysis", id="tab-analysis") as analysis_tab_el:
+                a = analysis_tab.build(root)
         _wire_model(m, d, t, model_state, model_reason)
         _wire_data(d, t, model_state, model_reason, root)
         _wire_train(m, d, t, model_state, model_reason, root)
         _wire_runs(r, runs_tab_el, root)
         _wire_export(x, export_tab_el, root)
+        _wire_analysis(a, analysis_tab_el, root)
         demo.load(_on_page_load(root), [model_state], [m.module_tree, m.target_types, m.summary, model_state,
                                                           t.run_state], api_name="page_load", **LIGHT) \
             .then(_recount, m.lora_inputs, [m.param_count, m.param_chart, model_reason], **LIGHT) \
@@ -122,6 +125,7 @@ def _wire_model(m, d, t, model_state, model_reason):
         types = model_tab.types_from_keys(model_tree(state["ref"], state["task"]), keys)
         return types, types
 
+    m.sweep_btn.click(model_tab.sweep_view, [model_state], [m.sweep_plot, m.sweep_table], api_name="sweep", **LIGHT)
     m.module_tree.change(tree_changed, [model_state, m.module_tree], [m.target_types, m.types_state], **LIGHT) \
         .then(**after)
     for w in (m.layers, m.bias, m.rslora, m.dora, m.mts, m.rank_pattern):
@@ -241,6 +245,25 @@ def _wire_export(x, tab, root: Path):
 
     x.merge_btn.click(do_merge, [x.run, x.dtype, x.verify], [x.merge_report, x.download_merged],
                       api_name="merge", **HEAVY)
+
+
+# --- analysis ------------------------------------------------------------------------------
+
+def _wire_analysis(a, tab, root: Path):
+    def refresh(run_a, run_b):
+        ids = export_tab.exportable(root)
+        pick = lambda cur: cur if cur in ids else (ids[0] if ids else None)  # noqa: E731
+        return gr.update(choices=ids, value=pick(run_a)), gr.update(choices=ids, value=pick(run_b))
+
+    tab.select(refresh, [a.run_a, a.run_b], [a.run_a, a.run_b], **LIGHT)
+    a.run_a.change(lambda run_id: gr.update(choices=analysis_tab.modules(root, run_id), value=None),
+                   [a.run_a], [a.module], **LIGHT)
+    a.btn_subspace.click(functools.partial(analysis_tab.subspace, root), [a.run_a, a.run_b, a.module, a.which],
+                         [a.heatmap, a.summary], api_name="analyze_subspace", **HEAVY)
+    a.btn_spectrum.click(functools.partial(analysis_tab.spectrum, root), [a.run_a],
+                         [a.spectrum_plot, a.spectrum_table], api_name="analyze_spectrum", **HEAVY)
+    a.btn_amp.click(functools.partial(analysis_tab.amplification, root), [a.run_a], [a.amp_table],
+                    api_name="analyze_amplification", **HEAVY)
 
 
 # --- launch --------------------------------------------------------------------------------

@@ -196,6 +196,31 @@ def _count_html(c, sel: Selection, error: str | None) -> str:
         + "</div></div>")
 
 
+def sweep_view(state: dict):
+    """Trainable parameters and adapter size for r in 1..128 x (q+v, attention, MLP, all-linear)."""
+    import plotly.graph_objects as go
+
+    tree = model_tree(state.get("ref", DEFAULT_MODEL), state.get("task", "causal_lm"))
+    rows = lora.sweep(tree, LoraSettings())
+    fig = go.Figure()
+    for name in dict.fromkeys(r["targets"] for r in rows):
+        pts = [r for r in rows if r["targets"] == name]
+        fig.add_trace(go.Scatter(x=[p["r"] for p in pts], y=[p["adapter_mb_bf16"] for p in pts], name=name,
+                                 mode="lines+markers",
+                                 customdata=[human(p["trainable"]) for p in pts],
+                                 hovertemplate="r=%{x}: %{y:.1f} MB bf16, %{customdata} parameters"))
+    fig.update_layout(xaxis=dict(type="log", title="r", tickvals=list(lora.SWEEP_RANKS)),
+                      yaxis=dict(type="log", title="adapter size, MB (bfloat16)"), height=360,
+                      template="plotly_white", margin=dict(l=60, r=20, t=30, b=50),
+                      title=f"{tree.model}: {human(tree.total_params)} parameters")
+    table = [{"targets": r["targets"], "r": r["r"], "trainable": f"{r['trainable']:,}",
+              "% of model": f"{r['trainable_percent']:.4f}", "MB bf16": r["adapter_mb_bf16"],
+              "MB fp32": r["adapter_mb_fp32"], "modules": r["modules"]} for r in rows]
+    import pandas as pd
+
+    return fig, pd.DataFrame(table)
+
+
 def build(model_state: gr.State) -> SimpleNamespace:
     """The Model tab's components; events are wired by the caller (they touch other tabs)."""
     ui = SimpleNamespace()
@@ -230,6 +255,10 @@ def build(model_state: gr.State) -> SimpleNamespace:
                                              info=LORA_HELP["rank_pattern"])
             ui.param_count = gr.HTML(elem_id="param-count")
     ui.param_chart = gr.Plot(elem_id="param-chart", label="Trainable parameters")
+    with gr.Accordion("Cost explorer: r × target sets, before downloading anything", open=False):
+        ui.sweep_btn = gr.Button("Explore this model", elem_id="sweep-btn")
+        ui.sweep_plot = gr.Plot(elem_id="sweep-plot", label="Adapter size by rank")
+        ui.sweep_table = gr.Dataframe(elem_id="sweep-table", interactive=False, max_height=320)
     ui.types_state = gr.State([])
     ui.lora_inputs = [model_state, ui.module_tree, ui.layers, ui.lora_r, ui.lora_alpha, ui.lora_dropout, ui.bias,
                       ui.rslora, ui.dora, ui.mts, ui.rank_pattern]
