@@ -1,0 +1,699 @@
+"""Datasets: loading, validation, format detection, tokenization and packing.
+
+Sources: .jsonl, .json (a list of objects, or an object holding one such list, e.g.
+{"data": [...]}), .csv, .tsv, .parquet, .txt (one example per non-blank line; a blank line is
+skipped, not a paragraph break), a folder written by `datasets.save_to_disk`, or a Hub dataset
+id (split "train") when the path is no local file and looks like one. JSON, JSONL and TXT are
+read and checked here line by line, so a bad line is reported as `file:LINE: what is wrong`;
+CSV and Parquet go through `datasets.load_dataset` after an encoding check.
+
+Formats (detected from the columns, or forced with data.format):
+  alpaca          instruction, optional input, output
+  messages        messages: [{role, content}, ...]; rendered with the tokenizer's chat template,
+                  or without one with the plain template "<|role|>\\ncontent\\n" per turn
+  text            text (or sentence): raw text for causal LM
+  classification  text (or sentence) + label (or labels): ints or strings, mapped to ids in
+                  sorted order (a ClassLabel keeps its own names and ids)
+Alpaca examples always use ALPACA_TEMPLATE (a chat template is for conversations); the
+playground builds its prompts with `alpaca_prompt` / `chat_prompt` so training and generation
+see the same text.
+
+Masking: for alpaca and messages only response tokens carry labels; prompt tokens get -100
+unless data.train_on_prompt. The full example is tokenized once (offsets tell which tokens
+hold response characters), so tokenizers that add a prefix space to each call do not change
+the text. Every causal example ends with EOS, trained, so the model learns to stop.
+
+Packing (causal LM, data.packing): examples are concatenated and cut into blocks of exactly
+max_length; the last block is padded (labels -100), so no token is lost. Each block carries
+position_ids that restart at 0 at every example start and at every block start, and the
+packed collator leaves attention_mask out: transformers then builds a block-diagonal causal
+mask from the position_ids (sdpa, eager and flash-attention alike), so an example never
+attends to its neighbours and sees the same positions it would alone. The first token of each
+piece gets label -100, since the token before it belongs to another example. A model whose
+attention ignores position_ids would attend across examples inside a block: the usual
+pretraining trade-off, harmless for the loss masks above, never for padding. Without packing,
+examples are truncated to max_length and padded per batch to the longest one (PadCollator);
+a `length` column lets the Trainer group similar lengths (train_sampling_strategy
+"group_by_length").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from .config import ConfigError, RunConfig
+
+FORMATS = ("alpaca", "messages", "text", "classification")
+FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+              ".parquet": "parquet", ".txt": "txt"}
+TEXT_COLUMNS = ("text", "sentence")
+LABEL_COLUMNS = ("label", "labels")
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "datasets"
+BUILTINS = {
+    "instructions": ("instructions.jsonl", "causal_lm",
+                     "Templated instructions with short regular answers (spelling backwards, capitals, "
+                     "arithmetic in words, plurals, antonyms, colors...): tiny-llama learns it in a minute."),
+    "sentiment": ("sentiment.jsonl", "seq_cls",
+                  "Movie and product review sentences labelled positive or negative, for minilm-l6."),
+}
+_PREVIEW_SAMPLE = 2000  # token statistics over the first rows only: the preview must stay instant
+
+
+class DataError(ConfigError):
+    """A dataset that cannot be used; the message names the file, line or field and what is allowed."""
+
+
+@dataclass
+class LoadedData:
+    dataset: datasets.Dataset
+    format: str
+    reason: str
+    columns: list[str]
+    num_rows: int
+    labels: list | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    source: str = ""
+    locate: Callable[[int], str] = field(default=str, repr=False, compare=False)
+    """Row index -> 'file:LINE' (or 'file: row N'), for messages about one row."""
+
+
+@dataclass
+class Prepared:
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    collator: Callable
+    format: str
+    reason: str
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    train_tokens: int = 0
+    packed: bool = False
+    group_by_length: bool = False
+    train_examples: int = 0
+    eval_examples: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def load_records(path: str, fmt: str = "auto") -> LoadedData:
+    """Load and check a dataset; detect (or check the forced) format. Raises DataError."""
+    if fmt not in ("auto",) + FORMATS:
+        raise DataError(f"data.format = {fmt!r} is not one of: auto, {', '.join(FORMATS)}")
+    ds, name, locate = _load_source(str(path))
+    if len(ds) == 0:
+        raise DataError(f"{name}: no examples (columns found: {', '.join(ds.column_names) or 'none'})")
+    cols = list(ds.column_names)
+    text_col = next((c for c in TEXT_COLUMNS if c in cols), None)
+    label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
+    fmt, reason = _detect(name, cols, fmt, text_col, label_col)
+    out = LoadedData(ds, fmt, reason, cols, len(ds), None, text_col, label_col, name, locate)
+    out.labels = _check(out)
+    return out
+
+
+def _resolve(path: str) -> Path | None:
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    # Configs name built-ins relative to the project ("assets/datasets/..."), whatever the cwd.
+    q = BUILTIN_DIR.parent.parent / p
+    return q if not p.is_absolute() and q.exists() else None
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return (Path(path).suffix.lower() not in FILE_KINDS
+            and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path) is not None)
+
+
+def _load_source(path: str) -> tuple[datasets.Dataset, str, Callable[[int], str]]:
+    p = _resolve(path)
+    rows_at = lambda i: f"{path}: row {i + 1}"
+    if p is None:
+        if not _looks_like_hub_id(path):
+            raise DataError(f"{path}: no such file or folder")
+        try:
+            return datasets.load_dataset(path, split="train"), path, rows_at
+        except Exception as e:  # the hub client raises many types; all mean "not reachable or not there"
+            raise DataError(f"{path}: no such local file, and loading it as a Hub dataset failed ({_short(e)}); "
+                            "check the path, or connect to the network") from None
+    if p.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:
+            raise DataError(f"{path}: folder is not a dataset saved with datasets' save_to_disk ({_short(e)})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        return ds, path, rows_at
+    kind = FILE_KINDS.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type {p.suffix or '(no extension)'!r}; use "
+                        f"{', '.join(FILE_KINDS)} or a folder saved with save_to_disk")
+    if p.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    if kind == "jsonl":
+        rows, lines = [], []
+        for lineno, text in _lines(p, path):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object like {{\"text\": ...}}, got {_jtype(obj)}")
+            rows.append(obj)
+            lines.append(lineno)
+        locate = lambda i: f"{path}:{lines[i]}"
+        return _from_rows(rows, locate, path), path, locate
+    if kind == "json":
+        return _read_json(p, path)
+    if kind == "txt":
+        lines, texts = [], []
+        for lineno, text in _lines(p, path):
+            if text.strip():
+                lines.append(lineno)
+                texts.append(text.rstrip("\r\n"))
+        return datasets.Dataset.from_dict({"text": texts}), path, lambda i: f"{path}:{lines[i]}"
+    # CSV / Parquet readers fail on bad bytes with no position, and on a bare header with no reason.
+    head: list[str] = []
+    for _, text in _lines(p, path):
+        if text.strip() and len(head) < 2:
+            head.append(text)
+    if kind in ("csv", "tsv") and len(head) < 2:
+        header = next(csv.reader(head, delimiter="\t" if kind == "tsv" else ","), [])
+        raise DataError(f"{path}: no examples (columns found: {', '.join(header) or 'none'})")
+    try:
+        if kind == "parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+        else:  # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename column 1
+            ds = datasets.load_dataset("csv", data_files=str(p), split="train", encoding="utf-8-sig",
+                                       sep="\t" if kind == "tsv" else ",")
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as {kind.upper()}: {_short(e)}") from None
+    return ds, path, rows_at
+
+
+def _lines(p: Path, name: str):
+    """(line number, text) for each line; a byte that is not UTF-8 is reported with its offset."""
+    if p.suffix.lower() == ".parquet":
+        return
+    offset = 0
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
+                                f"{offset + e.start}); save the file as UTF-8") from None
+            offset += len(raw)
+            yield lineno, text.removeprefix("\ufeff") if lineno == 1 else text
+
+
+def _read_json(p: Path, name: str):
+    text = "".join(t for _, t in _lines(p, name))
+    if not text.strip():
+        raise DataError(f"{name}: empty file (only whitespace)")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+    key = None
+    if isinstance(doc, dict):
+        lists = [k for k, v in doc.items() if isinstance(v, list)]
+        key = "data" if "data" in lists else (lists[0] if len(lists) == 1 else None)
+        if key is None:
+            raise DataError(f"{name}: expected a list of objects, or an object with one list of them "
+                            f"(e.g. {{\"data\": [...]}}); found keys {', '.join(doc) or 'none'}")
+        doc = doc[key]
+    if not isinstance(doc, list):
+        raise DataError(f"{name}: expected a list of objects, got {_jtype(doc)}")
+    where = f"{key}[{{}}]" if key else "item {}"
+    locate = lambda i: f"{name}: " + where.format(i)
+    for i, obj in enumerate(doc):
+        if not isinstance(obj, dict):
+            raise DataError(f"{locate(i)}: expected an object like {{\"text\": ...}}, got {_jtype(obj)}")
+    return _from_rows(doc, locate, name), name, locate
+
+
+def _jtype(v: Any) -> str:
+    return {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
+            list: "list", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def _from_rows(rows: list[dict], locate: Callable[[int], str], name: str) -> datasets.Dataset:
+    """Rows -> Dataset, refusing a field whose type changes between rows (Arrow would, less clearly)."""
+    first: dict[str, tuple[str, int]] = {}
+    keys: dict[str, None] = {}
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            keys.setdefault(k)
+            t = _jtype(v)
+            if t == "null":
+                continue
+            if k not in first:
+                first[k] = (t, i)
+                continue
+            t0, i0 = first[k]
+            if t != t0 and {t, t0} != {"integer", "number"}:
+                hint = ("labels must be all integers or all strings" if k in LABEL_COLUMNS
+                        else "a field needs the same type in every row")
+                raise DataError(f"{locate(i)}: field {k!r} is {_a(t)} ({_clip(v)}) but {_a(t0)} at "
+                                f"{locate(i0)}; {hint}")
+    if "messages" in keys:
+        for i, row in enumerate(rows):
+            _check_messages(row.get("messages"), locate(i))
+    try:
+        return datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
+    except (pa.ArrowException, ValueError, TypeError) as e:
+        raise DataError(f"{name}: cannot build a table from the rows: {_short(e)}") from None
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _short(e: BaseException) -> str:
+    e = e.__cause__ or e
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _clip(v: Any, n: int = 40) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# --- formats and checks -------------------------------------------------------------------
+
+_NEEDS = {"alpaca": "instruction, output (input optional)", "messages": "messages",
+          "text": "text (or sentence)", "classification": "text (or sentence) and label (or labels)"}
+
+
+def _detect(name: str, cols: list[str], fmt: str, text_col: str | None, label_col: str | None) -> tuple[str, str]:
+    fits = {
+        "messages": "messages" in cols,
+        "alpaca": "instruction" in cols and "output" in cols,
+        "classification": text_col is not None and label_col is not None,
+        "text": text_col is not None,
+    }
+    used = {"messages": ["messages"], "alpaca": [c for c in ("instruction", "input", "output") if c in cols],
+            "classification": [text_col, label_col], "text": [text_col]}
+    if fmt != "auto":
+        if not fits[fmt]:
+            raise DataError(f"{name}: format {fmt} needs columns {_NEEDS[fmt]}; found: {', '.join(cols)}")
+        return fmt, f"format {fmt} set in the config (columns {', '.join(used[fmt])})"
+    for f in ("messages", "alpaca", "classification", "text"):  # most specific first
+        if fits[f]:
+            extra = " (no label column)" if f == "text" else ""
+            plural = "s" if len(used[f]) > 1 else ""
+            return f, f"column{plural} {', '.join(used[f])} found{extra} -> {f}"
+    expected = "; ".join(f"{v} ({k})" for k, v in _NEEDS.items())
+    raise DataError(f"{name}: cannot tell the format from columns {', '.join(cols)}; expected {expected}")
+
+
+def _check(d: LoadedData) -> list | None:
+    ds = d.dataset
+    if d.format == "alpaca":
+        _require_text(d, "instruction")
+        _require_text(d, "output")
+        if "input" in d.columns:
+            _require_text(d, "input", optional=True)
+    elif d.format == "messages":
+        for i, conv in enumerate(ds["messages"]):
+            _check_messages(conv, d.locate(i))
+    else:
+        _require_text(d, d.text_column)
+    if d.format != "classification":
+        return None
+    col, feat = d.label_column, ds.features[d.label_column]
+    _first_null(d, col, "has no label")
+    if isinstance(feat, datasets.ClassLabel):
+        return list(feat.names)
+    dtype = getattr(feat, "dtype", None)
+    if not (isinstance(feat, datasets.Value) and (dtype in ("string", "large_string") or dtype.startswith(("int", "uint")))):
+        raise DataError(f"{d.locate(0)}: label {_clip(ds[0][col])} is {_a(_describe(feat))}; labels must be "
+                        "integers or strings")
+    labels = sorted(set(ds[col]))
+    if len(labels) < 2:
+        raise DataError(f"{d.source}: only one label ({labels[0]!r}) in column {col}; classification needs at least 2")
+    return labels
+
+
+def _describe(feat: Any) -> str:
+    if isinstance(feat, datasets.Value):
+        return {"large_string": "string", "null": "null"}.get(feat.dtype, f"{feat.dtype} value")
+    return "list" if isinstance(feat, (list, datasets.List, datasets.LargeList)) else (
+        "object" if isinstance(feat, dict) else type(feat).__name__)
+
+
+def _require_text(d: LoadedData, col: str, optional: bool = False) -> None:
+    if not optional:
+        _first_null(d, col, "is empty (null)")
+    feat = d.dataset.features[col]
+    if isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string", "null"):
+        return
+    arr = d.dataset.data.column(col)
+    i = int(np.flatnonzero(~pc.is_null(arr).to_numpy(zero_copy_only=False))[0])
+    raise DataError(f"{d.locate(i)}: column {col!r} must hold text, found {_a(_describe(feat))} "
+                    f"({_clip(d.dataset[i][col])})")
+
+
+def _first_null(d: LoadedData, col: str, what: str) -> None:
+    arr = d.dataset.data.column(col)
+    if arr.null_count:
+        i = int(np.flatnonzero(pc.is_null(arr).to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{d.locate(i)}: {col} {what}; every row needs one")
+
+
+def _check_messages(conv: Any, where: str) -> None:
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: messages must be a non-empty list of {{role, content}}, got {_clip(conv)}")
+    for j, m in enumerate(conv):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: messages[{j}] must be an object {{role, content}}, got {_clip(m)}")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: messages[{j}].role is {_clip(m.get('role'))}; allowed: {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{j}].content must be text, got {_clip(m.get('content'))}")
+    if not any(m["role"] == "assistant" for m in conv):
+        raise DataError(f"{where}: conversation has no assistant message, so nothing to learn from")
+
+
+# --- prompts ------------------------------------------------------------------------------
+
+def alpaca_prompt(instruction: str, input: str | None = "") -> str:
+    """The prompt an alpaca example is trained with; the response follows it directly."""
+    block = f"### Input:\n{input}\n\n" if input else ""
+    return ALPACA_TEMPLATE.format(instruction=instruction, input_block=block)
+
+
+def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Conversation text: the tokenizer's chat template, else the plain "<|role|>\\ncontent\\n" one."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in msgs)
+    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def _segments(row: dict, fmt: str, text_col: str | None, tokenizer, where: str) -> list[tuple[str, bool]]:
+    """An example as (text, is_response) pieces; their concatenation is what the model reads."""
+    if fmt == "alpaca":
+        return [(alpaca_prompt(row["instruction"], row.get("input")), False), (row["output"], True)]
+    if fmt == "text":
+        return [(row[text_col], True)]
+    msgs = row["messages"]
+    try:
+        whole = chat_prompt(tokenizer, msgs, add_generation_prompt=False)
+        segs, pos = [], 0
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            # This turn's text is what renders between "prompt so far" and "prompt plus this
+            # turn": its end-of-turn marker is trained too, so the model learns to stop.
+            before = chat_prompt(tokenizer, msgs[:i], add_generation_prompt=True)
+            upto = chat_prompt(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+            start, end = len(before), len(upto)
+            if not (whole.startswith(upto) and upto.startswith(before) and start >= pos):
+                start = whole.find(m["content"], pos)  # template not prefix-stable: train the content
+                if start < 0:
+                    continue
+                end = start + len(m["content"])
+            segs += [(whole[pos:start], False), (whole[start:end], True)]
+            pos = end
+        return segs + [(whole[pos:], False)]
+    except Exception as e:  # jinja errors: e.g. a template that demands alternating roles
+        raise DataError(f"{where}: the tokenizer's chat template rejected this conversation: {_short(e)}") from None
+
+
+# --- tokenization -------------------------------------------------------------------------
+
+class _CausalEncoder:
+    def __init__(self, tokenizer, fmt: str, text_col: str | None, train_on_prompt: bool):
+        self.tok, self.fmt, self.text_col, self.all = tokenizer, fmt, text_col, train_on_prompt
+        bos = tokenizer.bos_token_id
+        self.bos = bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+        self.eos = tokenizer.eos_token_id
+
+    def encode(self, rows: list[dict], wheres: list[str]) -> list[tuple[list[int], list[int]]]:
+        segs = [_segments(r, self.fmt, self.text_col, self.tok, w) for r, w in zip(rows, wheres)]
+        texts = ["".join(t for t, _ in s) for s in segs]
+        out = []
+        if getattr(self.tok, "is_fast", False):
+            enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+            for s, ids, offs in zip(segs, enc["input_ids"], enc["offset_mapping"]):
+                spans, pos = [], 0
+                for t, resp in s:
+                    if resp or self.all:
+                        spans.append((pos, pos + len(t)))
+                    pos += len(t)
+                # A token is trained when it holds any response character.
+                keep = [any(a < e and max(b, a + 1) > st for st, e in spans) for a, b in offs]
+                out.append((list(ids), [i if k else IGNORE for i, k in zip(ids, keep)]))
+        else:  # slow tokenizers give no offsets: tokenize the pieces one by one
+            for s in segs:
+                ids, labels = [], []
+                for t, resp in s:
+                    piece = self.tok(t, add_special_tokens=False).input_ids if t else []
+                    ids += piece
+                    labels += piece if resp or self.all else [IGNORE] * len(piece)
+                out.append((ids, labels))
+        for (ids, labels), s, text in zip(out, segs, texts):
+            if self.bos is not None and not text.startswith(self.tok.bos_token or "\0"):
+                ids.insert(0, self.bos)
+                labels.insert(0, IGNORE)
+            if self.eos is not None and (not ids or ids[-1] != self.eos):
+                ids.append(self.eos)
+                last_is_response = next((resp for t, resp in reversed(s) if t), False)
+                labels.append(self.eos if last_is_response or self.all else IGNORE)
+        return out
+
+
+def _tokenize_causal(d: LoadedData, ds: datasets.Dataset, enc: _CausalEncoder, index: list[int]):
+    ids_all, labels_all = [], []
+    for start in range(0, len(ds), 1000):
+        rows = ds[start: start + 1000]
+        rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+        where = [d.locate(index[start + k]) for k in range(len(rows))]
+        for ids, labels in enc.encode(rows, where):
+            ids_all.append(ids)
+            labels_all.append(labels)
+    return ids_all, labels_all
+
+
+def pack(ids: list[list[int]], labels: list[list[int]], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Concatenate examples into [n_blocks, max_length] arrays; see the module docstring."""
+    lens = np.array([len(x) for x in ids], dtype=np.int64)
+    total = int(lens.sum())
+    n_blocks = max(1, -(-total // max_length))
+    size = n_blocks * max_length
+    flat = np.full(size, pad_id, dtype=np.int64)
+    lab = np.full(size, IGNORE, dtype=np.int64)
+    flat[:total] = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=total)
+    lab[:total] = np.fromiter((t for x in labels for t in x), dtype=np.int64, count=total)
+    idx = np.arange(size)
+    ex_start = np.repeat(np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    ex_start = np.concatenate([ex_start, np.full(size - total, total)])  # the tail padding is one more piece
+    pos = idx - np.maximum(ex_start, idx // max_length * max_length)
+    lab[pos == 0] = IGNORE
+    mask = (idx < total).astype(np.int64)
+    return {k: v.reshape(n_blocks, max_length) for k, v in
+            (("input_ids", flat), ("attention_mask", mask), ("labels", lab), ("position_ids", pos))}
+
+
+def _table(cols: dict[str, Any]) -> datasets.Dataset:
+    arrays = {}
+    for k, v in cols.items():
+        if isinstance(v, np.ndarray) and v.ndim == 2:
+            arrays[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1).astype(np.int32)), v.shape[1])
+        elif v and isinstance(v[0], list):
+            arrays[k] = pa.array(v, type=pa.list_(pa.int32()))
+        else:
+            arrays[k] = pa.array(v, type=pa.int32())
+    return datasets.Dataset(datasets.table.InMemoryTable(pa.table(arrays)))
+
+
+@dataclass
+class PadCollator:
+    """Pads a batch to its longest example (right side); labels pad with -100. Extra keys are dropped."""
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(features), n), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        for i, f in enumerate(features):
+            ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            mask[i, : len(f["input_ids"])] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if "labels" in features[0]:
+            if isinstance(features[0]["labels"], list):
+                lab = torch.full((len(features), n), IGNORE, dtype=torch.long)
+                for i, f in enumerate(features):
+                    lab[i, : len(f["labels"])] = torch.tensor(f["labels"])
+            else:
+                lab = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+            batch["labels"] = lab
+        return batch
+
+
+@dataclass
+class PackedCollator:
+    """Stacks packed blocks. No attention_mask on purpose: see the module docstring."""
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch: dict[str, Any] = {k: torch.tensor([f[k] for f in features], dtype=torch.long)
+                                 for k in ("input_ids", "labels", "position_ids") if k in features[0]}
+        # transformers only derives the per-example mask from position_ids when no KV cache is
+        # made, and models default to config.use_cache=True even while training.
+        batch["use_cache"] = False
+        return batch
+
+
+# --- the trainer's entry point ------------------------------------------------------------
+
+def _split(n: int, fraction: float, seed: int, strata: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Row indices for train and eval; eval gets >= 1 row when fraction > 0 and n >= 2."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    n_eval = min(n - 1, max(1, round(n * fraction)))
+    ds = datasets.Dataset.from_dict({"i": list(range(n))} | ({"y": strata} if strata else {}))
+    kw = {}
+    if strata:
+        ds = ds.cast_column("y", datasets.ClassLabel(num_classes=max(strata) + 1))
+        kw = {"stratify_by_column": "y"}
+    try:
+        parts = ds.train_test_split(test_size=n_eval, seed=seed, keep_in_memory=True, **kw)
+    except ValueError:  # too few rows of some label to stratify: split at random
+        parts = ds.train_test_split(test_size=n_eval, seed=seed, keep_in_memory=True)
+    return parts["train"]["i"], parts["test"]["i"]
+
+
+def build_datasets(cfg: RunConfig, tokenizer, world_batch: int | None = None) -> Prepared:
+    """Tokenized train/eval datasets and the collator for `cfg`.
+
+    world_batch: sequences in one step over all processes (per_device_train_batch_size x
+    processes); the train split must fill it. Defaults to per_device_train_batch_size.
+    """
+    dc = cfg.data
+    d = load_records(dc.path, dc.format)
+    task = cfg.model.task
+    if task == "seq_cls" and d.format != "classification":
+        raise DataError(f"{dc.path}: model.task seq_cls needs text + label columns, but {d.reason}")
+    if task == "causal_lm" and d.format == "classification":
+        raise DataError(f"{dc.path}: {d.reason}, which needs model.task seq_cls; or set data.format: text "
+                        "to train a language model on the text alone")
+    need = world_batch or cfg.train.per_device_train_batch_size
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    warnings: list[str] = []
+    if d.format == "classification":
+        names = [str(x) for x in d.labels]
+        col = d.dataset[d.label_column]
+        lookup = {v: i for i, v in enumerate(d.labels)}
+        y = list(col) if isinstance(d.dataset.features[d.label_column], datasets.ClassLabel) else [lookup[v] for v in col]
+        tr, ev = _split(d.num_rows, dc.eval_fraction, cfg.train.seed, y)
+        texts = d.dataset[d.text_column]
+
+        def encode(idx):
+            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=dc.max_length)
+            return _table({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                           "labels": [y[i] for i in idx], "length": [len(x) for x in enc["input_ids"]]})
+        train, evl = encode(tr), (encode(ev) if ev else None)
+        prep = Prepared(train, evl, PadCollator(pad_id), d.format, d.reason, len(names), dict(enumerate(names)),
+                        {n: i for i, n in enumerate(names)}, int(sum(train["length"])), False, True, len(tr), len(ev))
+        unit = "examples"
+    else:
+        tr, ev = _split(d.num_rows, dc.eval_fraction, cfg.train.seed)
+        enc = _CausalEncoder(tokenizer, d.format, d.text_column, dc.train_on_prompt)
+
+        def encode(idx):
+            ids, labels = _tokenize_causal(d, d.dataset.select(idx, keep_in_memory=True), enc, idx)
+            if dc.packing:
+                return _table(pack(ids, labels, dc.max_length, pad_id)), sum(map(len, ids)), 0
+            ids, labels = [x[: dc.max_length] for x in ids], [x[: dc.max_length] for x in labels]
+            keep = [i for i, lab in enumerate(labels) if any(t != IGNORE for t in lab)]
+            cols = {"input_ids": [ids[i] for i in keep], "attention_mask": [[1] * len(ids[i]) for i in keep],
+                    "labels": [labels[i] for i in keep], "length": [len(ids[i]) for i in keep]}
+            return _table(cols), sum(cols["length"]), len(ids) - len(keep)
+
+        (train, n_tok, dropped), evl = encode(tr), (encode(ev)[0] if ev else None)
+        evl = evl if evl is not None and len(evl) else None  # every eval example lost its response
+        if dropped:
+            warnings.append(f"{dropped} training examples dropped: no response token within "
+                            f"max_length={dc.max_length}")
+        if len(train) == 0:
+            raise DataError(f"{dc.path}: no example keeps a response token within data.max_length={dc.max_length}")
+        prep = Prepared(train, evl, PackedCollator() if dc.packing else PadCollator(pad_id), d.format, d.reason,
+                        train_tokens=n_tok, packed=dc.packing, group_by_length=not dc.packing,
+                        train_examples=len(tr), eval_examples=len(ev), warnings=warnings)
+        unit = f"blocks of {dc.max_length} tokens (packed from {len(tr)} examples)" if dc.packing else "examples"
+    if len(prep.train) < need:
+        raise DataError(f"{dc.path}: {len(prep.train)} training {unit} after holding out {len(ev)} for eval, "
+                        f"fewer than one batch of {need}; add examples or lower train.per_device_train_batch_size"
+                        + (" or data.max_length" if prep.packed else " or data.eval_fraction"))
+    return prep
+
+
+# --- preview and built-ins ----------------------------------------------------------------
+
+def preview(path: str, tokenizer=None, fmt: str = "auto", n: int = 5, max_length: int = 256) -> dict:
+    """Plain data for the UI: first rows, format, counts, token-length statistics (no tokenizer: None)."""
+    d = load_records(path, fmt)
+    ds = d.dataset
+    out = {"rows": [dict(r) for r in ds.select(range(min(n, d.num_rows)))], "format": d.format,
+           "reason": d.reason, "num_rows": d.num_rows, "columns": d.columns, "token_stats": None, "labels": None}
+    if d.format == "classification":
+        out["labels"] = {str(d.labels[v] if isinstance(ds.features[d.label_column], datasets.ClassLabel) else v): c
+                         for v, c in sorted(Counter(ds[d.label_column]).items())}
+    if tokenizer is not None:
+        m = min(d.num_rows, _PREVIEW_SAMPLE)
+        if d.format == "classification":
+            lengths = [len(x) for x in tokenizer(ds[d.text_column][:m])["input_ids"]]
+        else:
+            enc = _CausalEncoder(tokenizer, d.format, d.text_column, True)
+            ids, _ = _tokenize_causal(d, ds.select(range(m), keep_in_memory=True), enc, list(range(m)))
+            lengths = [len(x) for x in ids]
+        a = np.array(lengths)
+        out["token_stats"] = {"min": int(a.min()), "mean": round(float(a.mean()), 1), "p50": int(np.percentile(a, 50)),
+                              "p95": int(np.percentile(a, 95)), "max": int(a.max()),
+                              "truncated": int((a > max_length).sum()), "counted": m}
+    return out
+
+
+def list_builtin() -> list[dict]:
+    """The sample datasets shipped in assets/datasets."""
+    out = []
+    for name, (file, task, description) in BUILTINS.items():
+        p = BUILTIN_DIR / file
+        if not p.is_file():
+            continue
+        with open(p, encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.strip()]
+        cols = list(json.loads(lines[0])) if lines else []
+        text_col = next((c for c in TEXT_COLUMNS if c in cols), None)
+        label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
+        fmt = _detect(str(p), cols, "auto", text_col, label_col)[0]
+        out.append({"name": name, "path": str(p), "format": fmt, "task": task, "rows": len(lines),
+                    "description": description})
+    return out
