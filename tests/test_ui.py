@@ -17,15 +17,20 @@ def defaults(keys, layers="", r=8, alpha=16, dropout=0.0, bias="none", rslora=Fa
     return [keys, layers, r, alpha, dropout, bias, rslora, dora, mts, rp]
 
 
-def test_load_selects_query_value_and_lists_types():
-    tree_upd, types_upd, summary, state = model_tab.load("tiny-llama")
-    assert state == LLAMA
-    keys = tree_upd["value"]
-    assert keys == ["model.layers.0-3.self_attn.q_proj", "model.layers.0-3.self_attn.v_proj"]
+def test_load_selects_query_value_of_real_models_and_lists_types():
+    tree_upd, types_upd, summary, state = model_tab.load("llama-3.1-8b")
+    assert tree_upd["value"] == ["model.layers.0-31.self_attn.q_proj", "model.layers.0-31.self_attn.v_proj"]
     assert types_upd["value"] == ["q_proj", "v_proj"]
     assert "all-linear" in types_upd["choices"] and "lm_head" in types_upd["choices"]
-    assert "1.67M parameters" in summary
-    assert "data-key='model.layers.0-3.self_attn.q_proj'" in tree_upd["tree_html"]
+    assert "data-key='model.layers.0-31.self_attn.q_proj'" in tree_upd["tree_html"]
+
+
+def test_tiny_builtins_default_to_every_linear_layer_and_the_head():
+    tree_upd, types_upd, summary, state = model_tab.load("tiny-llama")
+    assert state == LLAMA and "1.67M parameters" in summary
+    assert len(tree_upd["value"]) == 8 and tree_upd["value"][-1] == "lm_head"
+    assert types_upd["value"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                  "lm_head"]
 
 
 def test_count_shown_equals_the_engine_count():

@@ -42,8 +42,15 @@ class Selection:
     error: str | None = None
 
 
+# The built-in tiny models are random-init: with their output head frozen at its random init
+# the loss cannot fall far, so their default also adapts the head (loss halves in 100 steps).
+TINY_DEFAULT_EXTRA = {"tiny-llama": ["lm_head"], "tiny-gpt2": ["lm_head"]}
+
+
 def default_targets(tree: ModelTree) -> list[str]:
-    """q+v style default: the attention query/value projections if the model has them."""
+    """q+v for real models; every linear layer and the head for the random-init built-ins."""
+    if tree.model in TINY_DEFAULT_EXTRA:
+        return list(tree.all_linear) + TINY_DEFAULT_EXTRA[tree.model]
     sets = lora.target_sets(tree)
     qv = sets.get("q+v") or []
     return qv if isinstance(qv, list) else []

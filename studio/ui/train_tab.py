@@ -174,8 +174,8 @@ def build() -> SimpleNamespace:
     ui = SimpleNamespace()
     d = TrainConfig()
     with gr.Row():
-        ui.learning_rate = gr.Number(1e-3, label="learning_rate", info=TRAIN_HELP["learning_rate"])
-        ui.max_steps = gr.Number(120, precision=0, label="max_steps", info=TRAIN_HELP["max_steps"])
+        ui.learning_rate = gr.Number(2e-3, label="learning_rate", info=TRAIN_HELP["learning_rate"])
+        ui.max_steps = gr.Number(100, precision=0, label="max_steps", info=TRAIN_HELP["max_steps"])
         ui.epochs = gr.Number(d.num_train_epochs, label="num_train_epochs", info=TRAIN_HELP["num_train_epochs"])
         ui.batch = gr.Slider(1, 128, value=8, step=1, label="per_device_train_batch_size",
                              info=TRAIN_HELP["per_device_train_batch_size"])
