@@ -146,7 +146,11 @@ def _commands() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     args = _parser().parse_args(argv)
     try:
         return _commands()[args.cmd](args)

@@ -57,6 +57,18 @@ def add_parsers(sub) -> None:
     sp.add_argument("run")
     sp.add_argument("--json", action="store_true")
 
+    g = sub.add_parser("generate", help="generate with a run's adapter (or the base) from a prompt")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--base", action="store_true", help="generate with the base model (adapter off)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--template", choices=["auto", "alpaca", "chat", "none"], default="auto",
+                   help="prompt format; auto uses the run's training template")
+    g.add_argument("--json", action="store_true")
+
     v = sub.add_parser("serve", help="start the web UI (same as python app.py)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=7860)
@@ -261,6 +273,26 @@ def cmd_analyze(a) -> int:
     return 0
 
 
+def cmd_generate(a) -> int:
+    from .generate import Playground
+
+    pg = Playground.for_run(a.run_dir)
+    if pg.info()["task"] == "seq_cls":
+        out = pg.classify([a.prompt], adapter=not a.base)[0]
+        if a.json:
+            _print_json(out)
+        else:
+            print(f"{out['label']}  " + ", ".join(f"{k}: {v:.3f}" for k, v in out["probs"].items()))
+        return 0
+    text = pg.generate(a.prompt, adapter=not a.base, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                       top_p=a.top_p, seed=a.seed, template=a.template)
+    if a.json:
+        _print_json({"text": text, "adapter": not a.base, **pg.last_stats.get("base" if a.base else "tuned", {})})
+    else:
+        print(text)
+    return 0
+
+
 def cmd_serve(a) -> int:
     from .ui.app import launch, parse_auth
 
@@ -273,4 +305,4 @@ def cmd_serve(a) -> int:
 
 
 COMMANDS = {"train": cmd_train, "runs": cmd_runs, "stop": cmd_stop, "merge": cmd_merge, "analyze": cmd_analyze,
-            "serve": cmd_serve}
+            "generate": cmd_generate, "serve": cmd_serve}

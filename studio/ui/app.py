@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import runs
-from . import analysis_tab, data_tab, export_tab, model_tab, runs_tab, train_tab
+from . import analysis_tab, data_tab, export_tab, model_tab, playground_tab, runs_tab, train_tab
 
 CSS = """
 .pc { padding: 10px 12px; border-radius: 8px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
@@ -57,6 +57,8 @@ def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
                 r = runs_tab.build(root)
             with gr.Tab("Export", id="tab-export") as export_tab_el:
                 x = export_tab.build(root)
+            with gr.Tab("Playground", id="tab-playground") as playground_tab_el:
+                g = playground_tab.build(root)
             with gr.Tab("Analysis", id="tab-analysis") as analysis_tab_el:
                 a = analysis_tab.build(root)
         _wire_model(m, d, t, model_state, model_reason)
@@ -64,6 +66,7 @@ def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
         _wire_train(m, d, t, model_state, model_reason, root)
         _wire_runs(r, runs_tab_el, root)
         _wire_export(x, export_tab_el, root)
+        _wire_playground(g, playground_tab_el, root)
         _wire_analysis(a, analysis_tab_el, root)
         demo.load(_on_page_load(root), [model_state], [m.module_tree, m.target_types, m.summary, model_state,
                                                           t.run_state], api_name="page_load", **LIGHT) \
@@ -247,6 +250,24 @@ def _wire_export(x, tab, root: Path):
                       api_name="merge", **HEAVY)
 
 
+# --- playground ----------------------------------------------------------------------------
+
+def _wire_playground(g, tab, root: Path):
+    def refresh(current):
+        ids = playground_tab.usable_runs(root)
+        return gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))
+
+    tab.select(refresh, [g.run], [g.run], **LIGHT)
+    g.generate.click(functools.partial(playground_tab.generate, root),
+                     [g.run, g.prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed, g.template],
+                     [g.base, g.tuned], api_name="generate", concurrency_id="playground", concurrency_limit=2)
+    g.prompt.submit(functools.partial(playground_tab.generate, root),
+                    [g.run, g.prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed, g.template],
+                    [g.base, g.tuned], concurrency_id="playground", concurrency_limit=2)
+    g.evaluate.click(functools.partial(playground_tab.evaluate, root), [g.run], [g.eval_text, g.eval_rows],
+                     api_name="evaluate", concurrency_id="playground", concurrency_limit=2)
+
+
 # --- analysis ------------------------------------------------------------------------------
 
 def _wire_analysis(a, tab, root: Path):
@@ -268,6 +289,15 @@ def _wire_analysis(a, tab, root: Path):
 
 # --- launch --------------------------------------------------------------------------------
 
+def quiet_libraries() -> None:
+    """No download-style progress bars or deprecation chatter from the libraries in our output."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+
+
 def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not value:
         return None
@@ -280,6 +310,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, runs_dir=None,
            prevent_thread_lock: bool = False, quiet: bool = False):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    quiet_libraries()
     creds = parse_auth(auth or os.environ.get("STUDIO_AUTH"))
     if host not in ("127.0.0.1", "localhost", "::1") and creds is None:
         print(f"warning: serving on {host} without --auth: anyone who can reach this machine can start "
