@@ -172,3 +172,26 @@ def test_point_and_click_fine_tune_merge_and_download(server, page):
     with zipfile.ZipFile(path) as z:
         names = {Path(n).name for n in z.namelist()}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= names
+
+
+def test_playground_and_analysis_on_the_trained_run(server, page):
+    """Runs after the fine-tune above (same server and runs folder)."""
+    url, runs = server
+    page.goto(url)
+    page.wait_for_selector("#module-tree input[data-leaf]")
+    page.get_by_role("tab", name="Playground").click()
+    page.locator("#playground-prompt textarea").fill("What is the capital of Iceland?")
+    page.locator("#playground-generate").click()
+    _wait(lambda: page.locator("#playground-tuned textarea").input_value()
+          and page.locator("#playground-base textarea").input_value(), timeout=120)
+    _shot(page, "playground")
+
+    page.get_by_role("tab", name="Analysis").click()
+    page.locator("#analysis-spectrum").click()
+    _wait(lambda: page.locator("#analysis-spectrum-plot .js-plotly-plot").count(), timeout=120)
+    n = page.locator("#analysis-spectrum-plot .js-plotly-plot").evaluate("d => d.data.length")
+    assert n == 8  # q_proj and v_proj in 4 layers
+    page.locator("#analysis-subspace").click()
+    _wait(lambda: "mean φ(1,1)" in page.locator("#analysis-summary").inner_text(), timeout=120)
+    assert "mean φ(1,1) = 1.000" in page.locator("#analysis-summary").inner_text()  # a run with itself
+    _shot(page, "analysis")
