@@ -159,3 +159,13 @@ def test_cost_explorer_covers_ranks_and_target_sets():
     assert len(fig.data) == 4
     row = table[(table["targets"] == "all-linear") & (table["r"] == 64)].iloc[0]
     assert row["trainable"] == "828,375,040"  # what `studio count --targets all-linear --r 64` says
+
+
+def test_loss_chart_drops_points_a_crash_lost_and_logged_again():
+    from studio.ui.charts import clean_rows, loss_figure
+
+    rows = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 3, "loss": 3.9},
+            {"event": "resumed", "step": 2}, {"step": 3, "loss": 3.8}, {"step": 4, "loss": 3.5}]
+    assert [r["loss"] for r in clean_rows(rows)] == [5.0, 4.0, 3.8, 3.5]
+    fig = loss_figure({"run": rows})
+    assert list(fig.data[0].x) == [1, 2, 3, 4]

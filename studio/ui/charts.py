@@ -29,6 +29,19 @@ def ema(values: list[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+def clean_rows(rows: list[dict]) -> list[dict]:
+    """Metric rows as one curve: after a `resumed` event at step N, points logged earlier with
+    a step above N were lost with the crash and come again, so the earlier ones are dropped."""
+    out: list[dict] = []
+    for r in rows:
+        if r.get("event") == "resumed":
+            n = r.get("step", 0)
+            out = [o for o in out if o.get("step", 0) <= n]
+        elif "step" in r:
+            out.append(r)
+    return out
+
+
 def loss_figure(series: dict[str, list[dict]]) -> go.Figure:
     """Train loss (raw, smoothed), eval loss and learning rate for one or more runs.
 
@@ -38,6 +51,7 @@ def loss_figure(series: dict[str, list[dict]]) -> go.Figure:
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     single = len(series) == 1
     for label, rows in series.items():
+        rows = clean_rows(rows)
         train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
         evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
         prefix = "" if single else f"{label}: "
