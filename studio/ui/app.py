@@ -293,8 +293,10 @@ def quiet_libraries() -> None:
     """No download-style progress bars or deprecation chatter from the libraries in our output."""
     import warnings
 
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # load reports of every model the playground opens
+    hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
 
 
