@@ -80,8 +80,12 @@ class MergeReport:
 
 def merge(base_dir, adapter_dir, out_dir, *, dtype: str = "float32", verify: bool = False,
           overwrite: bool = False, progress: Progress | None = None,
-          trust_remote_code: bool = False) -> MergeReport:
-    """Merge the PEFT LoRA adapter in `adapter_dir` into the model in `base_dir`, writing `out_dir`."""
+          trust_remote_code: bool = False, id2label: dict | None = None) -> MergeReport:
+    """Merge the PEFT LoRA adapter in `adapter_dir` into the model in `base_dir`, writing `out_dir`.
+
+    `id2label`: class names a classification run trained with, written into the merged config
+    (the adapter itself does not carry them).
+    """
     t0 = time.perf_counter()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     if dtype not in OUT_DTYPES:
@@ -95,6 +99,8 @@ def merge(base_dir, adapter_dir, out_dir, *, dtype: str = "float32", verify: boo
     try:
         counts, peak_rss, total_bytes = _write_weights(plan, tmp, OUT_DTYPES[dtype], progress)
         _write_side_files(plan, tmp, dtype)
+        if id2label and plan.task_type == "SEQ_CLS":
+            _set_labels(tmp / "config.json", id2label)
         seconds = time.perf_counter() - t0
         report = MergeReport(
             out=str(out_dir), tensors_merged=counts["merged"], tensors_copied=counts["copied"],
@@ -132,8 +138,13 @@ def merge_run(run_dir, out=None, dtype: str = "float32", verify: bool = False, p
         raise MergeError(f"{run_dir} has no final adapter yet (adapter/adapter_config.json missing; run state: {state}); "
                          "merge a run after it completed or was stopped")
     base = model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    labels = None
+    status = run_dir / "status.json"
+    if status.is_file():
+        labels = json.loads(status.read_text(encoding="utf-8")).get("id2label")
     return merge(base, adapter, Path(out) if out else run_dir / "merged", dtype=dtype, verify=verify,
-                 overwrite=overwrite, progress=progress, trust_remote_code=cfg.model.trust_remote_code)
+                 overwrite=overwrite, progress=progress, trust_remote_code=cfg.model.trust_remote_code,
+                 id2label=labels)
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -251,6 +262,13 @@ def _apply_lora(w32: torch.Tensor, u: LoraUpdate, plan: Plan) -> None:
     norm = torch.linalg.norm(w32.T if fan_in_fan_out else w32, dim=1)
     factor = (m / norm).view(-1, 1)
     w32.mul_(factor.T if fan_in_fan_out else factor)
+
+
+def _set_labels(config_path: Path, id2label: dict) -> None:
+    cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    cfg["id2label"] = {str(k): v for k, v in id2label.items()}
+    cfg["label2id"] = {v: int(k) for k, v in id2label.items()}
+    config_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_side_files(plan: Plan, folder: Path, dtype: str) -> None:

@@ -310,6 +310,7 @@ def build(cfg: RunConfig, run_dir: Path, report: Reporter) -> tuple[StudioTraine
     for w in data.warnings:
         print(f"studio: warning: {w}", flush=True)
     report.update(trainable_params=int(trainable), total_params=int(total), format=data.format,
+                  id2label={str(k): v for k, v in data.id2label.items()} if seq_cls and data.id2label else None,
                   train_examples=data.train_examples or len(data.train), eval_examples=data.eval_examples,
                   train_sequences=len(data.train), packed=data.packed, train_tokens=data.train_tokens,
                   warnings=list(data.warnings))

@@ -173,12 +173,14 @@ def test_seq_cls_minilm_modules_to_save(tmp_path):
     pm.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         logits = pm(input_ids=ids).logits
-    rep = merge(MINILM, tmp_path / "adapter", tmp_path / "out", verify=True)
+    labels = {"0": "negative", "1": "neutral", "2": "positive"}
+    rep = merge(MINILM, tmp_path / "adapter", tmp_path / "out", verify=True, id2label=labels)
     ours, ref = load_out(tmp_path / "out"), reference_merge(pm)
     worst = max((ours[k] - v).abs().max().item() for k, v in ref.items())  # bert.* and classifier.* names
     assert worst <= 1e-6 and rep.tensors_replaced == 2 and rep.tensors_merged == 12
     m = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert m.config.num_labels == 3 and type(m).__name__ == "BertForSequenceClassification"
+    assert m.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}  # the run's class names
     with torch.no_grad():
         assert (m(input_ids=ids).logits - logits).abs().max().item() <= 1e-4
     assert rep.max_abs_logit_diff <= 1e-4 and rep.differs_from_base
