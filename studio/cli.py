@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # "Generating train split" bars would turn the one-line error of a bad CSV into three lines.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # imported already (in-process callers): the variable is read at import
+        sys.modules["datasets"].disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     args = _parser().parse_args(argv)
     try:
@@ -160,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"studio {args.cmd}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only folder: the file and the system's reason, on one line
+        if os.environ.get("STUDIO_DEBUG"):
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"studio {args.cmd}: failed: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except Exception as e:  # a real failure: say what broke; the traceback with STUDIO_DEBUG=1
         if os.environ.get("STUDIO_DEBUG"):
             raise

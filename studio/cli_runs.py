@@ -92,10 +92,13 @@ def cmd_train(a) -> int:
         run_dir = runs.resume_run(a.resume)
     elif a.config:
         cfg = load_config(a.config)
-        from .data import load_records
-
-        load_records(cfg.data.path, cfg.data.format)  # refuse bad data before any process starts
-        run_dir = runs.start_run(cfg, a.runs_dir, nproc=a.nproc, accelerate_config=a.accelerate_config)
+        preflight(cfg)
+        root = runs.runs_dir(a.runs_dir)
+        check_runs_folder(root)
+        try:
+            run_dir = runs.start_run(cfg, root, nproc=a.nproc, accelerate_config=a.accelerate_config)
+        except OSError as e:  # a full disk or a read-only folder; cli.main prints it on one line
+            raise OSError(e.errno, f"cannot write the runs folder {root}: {e.strerror or e}") from None
     else:
         raise ConfigError("studio train needs CONFIG.yaml or --resume RUN_DIR")
     print(f"run: {run_dir}", file=sys.stderr)
@@ -103,6 +106,50 @@ def cmd_train(a) -> int:
         print(str(run_dir))
         return 0
     return follow(run_dir)
+
+
+def preflight(cfg) -> None:
+    """Refuse what the trainer would fail on, before a run folder or a process exists.
+
+    Costs well under a second (the model is built on the meta device); each refusal is a
+    ConfigError whose message names the model, file or target.
+    """
+    from . import lora, models
+    from .data import load_records
+    from .tree import model_tree
+
+    m = cfg.model
+    src = models.resolve(m.name_or_path)
+    if src.explore_only:
+        raise ConfigError(no_weights_reason(m.name_or_path, src.path))
+    d = load_records(cfg.data.path, cfg.data.format)  # bad data: file:line and what is wrong
+    if m.task == "seq_cls" and d.format != "classification":
+        raise ConfigError(f"{cfg.data.path}: model.task seq_cls needs text + label columns, but {d.reason}")
+    if m.task == "causal_lm" and d.format == "classification":
+        raise ConfigError(f"{cfg.data.path}: {d.reason}, which needs model.task seq_cls; or set data.format: text")
+    lora.check(model_tree(m.name_or_path, m.task, m.trust_remote_code), cfg.lora)  # targets that match nothing
+
+
+def no_weights_reason(ref: str, path: Path | None) -> str:
+    """Why a model reference cannot train: pickled weights are named as such."""
+    from .shards import pickled_files
+
+    folder = path if path is not None and path.is_dir() else None
+    pickled = pickled_files(folder) if folder is not None else []
+    if pickled:
+        return (f"model {ref} has only pickled weights ({', '.join(pickled[:3])}), which are never loaded (a pickle "
+                "can run code); convert them to safetensors (save_pretrained(..., safe_serialization=True))")
+    return (f"model {ref} is explore-only (a config without *.safetensors weights): it can show its tree and "
+            "counts but not train; pick a built-in or a folder with weights")
+
+
+def check_runs_folder(root: Path) -> None:
+    """The runs folder, or a folder above it, must not be a file (a mistyped --runs-dir); one line if so."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"runs folder {root} is a file, not a folder; pass --runs-dir DIR or set STUDIO_RUNS_DIR")
+    for parent in root.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"runs folder {root}: {parent} is a file, not a folder; pass --runs-dir DIR")
 
 
 def follow(run_dir: Path) -> int:
@@ -275,7 +322,11 @@ def cmd_analyze(a) -> int:
 
 def cmd_generate(a) -> int:
     from .generate import Playground
+    from .shards import pickled_adapter_reason
 
+    reason = pickled_adapter_reason(Path(a.run_dir) / "adapter")  # PEFT would torch.load a pickle-only adapter
+    if reason:
+        raise ConfigError(reason)
     pg = Playground.for_run(a.run_dir)
     if pg.info()["task"] == "seq_cls":
         out = pg.classify([a.prompt], adapter=not a.base)[0]

@@ -72,6 +72,13 @@ BUILTINS = {
                   "Movie and product review sentences labelled positive or negative, for minilm-l6."),
 }
 _PREVIEW_SAMPLE = 2000  # token statistics over the first rows only: the preview must stay instant
+# ...and over at most this many characters of them: tokenizing costs about 300 bytes of memory and
+# 2 us per character, so a 200 MB upload of long documents would take minutes and tens of GB.
+_PREVIEW_CHARS = 1_000_000
+# One example (a line of JSONL/TXT/CSV, or one text value) may hold at most this much. Longer
+# ones are almost always a file without line breaks or a misplaced blob; real documents this long
+# should be split into several examples. Refused up front, with the line, before any tokenizer sees it.
+MAX_EXAMPLE_MB = 1
 
 
 class DataError(ConfigError):
@@ -125,8 +132,24 @@ def load_records(path: str, fmt: str = "auto") -> LoadedData:
     label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
     fmt, reason = _detect(name, cols, fmt, text_col, label_col)
     out = LoadedData(ds, fmt, reason, cols, len(ds), None, text_col, label_col, name, locate)
+    _check_sizes(out)
     out.labels = _check(out)
     return out
+
+
+def _check_sizes(d: LoadedData) -> None:
+    """No text value above MAX_EXAMPLE_MB (JSON, Parquet and saved datasets have no lines to check)."""
+    limit = MAX_EXAMPLE_MB << 20
+    for col in d.columns:
+        feat = d.dataset.features[col]
+        if not (isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string")):
+            continue
+        sizes = pc.binary_length(d.dataset.data.column(col)).to_numpy(zero_copy_only=False)
+        sizes = np.nan_to_num(sizes.astype(np.float64))  # nulls
+        if len(sizes) and sizes.max() > limit:
+            i = int(sizes.argmax())
+            raise DataError(f"{d.locate(i)}: {col} is {_mb(int(sizes[i]))} long; one example may be at most "
+                            f"{MAX_EXAMPLE_MB} MB (split long documents into several examples)")
 
 
 def _resolve(path: str) -> Path | None:
@@ -211,13 +234,17 @@ def _load_source(path: str) -> tuple[datasets.Dataset, str, Callable[[int], str]
     return ds, path, rows_at
 
 
-def _lines(p: Path, name: str):
-    """(line number, text) for each line; a byte that is not UTF-8 is reported with its offset."""
+def _lines(p: Path, name: str, max_bytes: int | None = MAX_EXAMPLE_MB << 20):
+    """(line number, text) for each line; a byte that is not UTF-8 is reported with its offset,
+    a line longer than `max_bytes` (one example) by its length."""
     if p.suffix.lower() == ".parquet":
         return
     offset = 0
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if max_bytes is not None and len(raw) > max_bytes:
+                raise DataError(f"{name}:{lineno}: line is {_mb(len(raw))} long; one example may be at most "
+                                f"{MAX_EXAMPLE_MB} MB (split long documents into several examples)")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -228,7 +255,7 @@ def _lines(p: Path, name: str):
 
 
 def _read_json(p: Path, name: str):
-    text = "".join(t for _, t in _lines(p, name))
+    text = "".join(t for _, t in _lines(p, name, max_bytes=None))  # a JSON document is often one line
     if not text.strip():
         raise DataError(f"{name}: empty file (only whitespace)")
     try:
@@ -296,6 +323,10 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
 def _clip(v: Any, n: int = 40) -> str:
     s = repr(v)
     return s if len(s) <= n else s[: n - 3] + "..."
@@ -344,7 +375,7 @@ def _check(d: LoadedData) -> list | None:
     if d.format != "classification":
         return None
     col, feat = d.label_column, ds.features[d.label_column]
-    _first_null(d, col, "has no label")
+    _first_null(d, col, "is missing (null)")
     if isinstance(feat, datasets.ClassLabel):
         return list(feat.names)
     dtype = getattr(feat, "dtype", None)
@@ -630,7 +661,13 @@ def build_datasets(cfg: RunConfig, tokenizer, world_batch: int | None = None) ->
         def encode(idx):
             ids, labels = _tokenize_causal(d, d.dataset.select(idx, keep_in_memory=True), enc, idx)
             if dc.packing:
-                return _table(pack(ids, labels, dc.max_length, pad_id)), sum(map(len, ids)), 0
+                blocks = pack(ids, labels, dc.max_length, pad_id)
+                # A block of prompt tokens only has no target: a batch of such blocks has a loss of
+                # 0/0 = NaN, which would end the run as `diverged`. It teaches nothing, so drop it.
+                keep = (blocks["labels"] != IGNORE).any(axis=1)
+                if not keep.all():
+                    blocks = {k: v[keep] for k, v in blocks.items()}
+                return _table(blocks), sum(map(len, ids)), int((~keep).sum())
             ids, labels = [x[: dc.max_length] for x in ids], [x[: dc.max_length] for x in labels]
             keep = [i for i, lab in enumerate(labels) if any(t != IGNORE for t in lab)]
             cols = {"input_ids": [ids[i] for i in keep], "attention_mask": [[1] * len(ids[i]) for i in keep],
@@ -639,7 +676,10 @@ def build_datasets(cfg: RunConfig, tokenizer, world_batch: int | None = None) ->
 
         (train, n_tok, dropped), evl = encode(tr), (encode(ev)[0] if ev else None)
         evl = evl if evl is not None and len(evl) else None  # every eval example lost its response
-        if dropped:
+        if dropped and dc.packing:
+            warnings.append(f"{dropped} packed training blocks dropped: they hold prompt tokens only, "
+                            "no response token to learn from")
+        elif dropped:
             warnings.append(f"{dropped} training examples dropped: no response token within "
                             f"max_length={dc.max_length}")
         if len(train) == 0:
@@ -667,7 +707,7 @@ def preview(path: str, tokenizer=None, fmt: str = "auto", n: int = 5, max_length
         out["labels"] = {str(d.labels[v] if isinstance(ds.features[d.label_column], datasets.ClassLabel) else v): c
                          for v, c in sorted(Counter(ds[d.label_column]).items())}
     if tokenizer is not None:
-        m = min(d.num_rows, _PREVIEW_SAMPLE)
+        m = _preview_rows(ds, min(d.num_rows, _PREVIEW_SAMPLE))
         if d.format == "classification":
             lengths = [len(x) for x in tokenizer(ds[d.text_column][:m])["input_ids"]]
         else:
@@ -679,6 +719,20 @@ def preview(path: str, tokenizer=None, fmt: str = "auto", n: int = 5, max_length
                               "p95": int(np.percentile(a, 95)), "max": int(a.max()),
                               "truncated": int((a > max_length).sum()), "counted": m}
     return out
+
+
+def _preview_rows(ds: datasets.Dataset, m: int) -> int:
+    """How many of the first `m` rows fit in _PREVIEW_CHARS of text (at least one)."""
+    head = ds.data.slice(0, m)
+    chars = np.zeros(m, dtype=np.int64)
+    for col in head.column_names:
+        arr = head.column(col)
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            n = pc.utf8_length(arr).to_numpy(zero_copy_only=False).astype(np.float64)
+            chars += np.nan_to_num(n).astype(np.int64)  # a null counts 0
+        elif not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
+            chars += np.array([len(str(v)) for v in arr.to_pylist()], dtype=np.int64)  # messages and other nesting
+    return max(1, int(np.searchsorted(np.cumsum(chars), _PREVIEW_CHARS, side="right")))
 
 
 def list_builtin() -> list[dict]:

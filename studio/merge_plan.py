@@ -276,9 +276,10 @@ def _base_files(base_dir: Path) -> list[Path]:
         raise MergeError(str(e)) from None
     if files:
         return files
-    if any(base_dir.glob("*.bin")) or any(base_dir.glob("*.pt")) or any(base_dir.glob("*.pth")):
-        raise MergeError(f"{base_dir} stores its weights only as pickled .bin/.pt files, which are never loaded "
-                         "(a pickle can run code); convert the model to safetensors first")
+    pickled = shards.pickled_files(base_dir)
+    if pickled:
+        raise MergeError(f"{base_dir} stores its weights only as pickled .bin/.pt files ({', '.join(pickled[:3])}), "
+                         "which are never loaded (a pickle can run code); convert the model to safetensors first")
     raise MergeError(f"{base_dir} has no model.safetensors or model.safetensors.index.json")
 
 

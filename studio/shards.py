@@ -32,6 +32,8 @@ DTYPE_NAMES = {
 NAME_OF_DTYPE = {v: k for k, v in DTYPE_NAMES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Weight files in torch's pickle format: never loaded, since unpickling can run any code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,26 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if (folder / SINGLE_NAME).is_file():
         return [folder / SINGLE_NAME]
     return []
+
+
+def pickled_files(folder: Path) -> list[str]:
+    """Names of the pickled weight files in `folder` (for messages that refuse them)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def pickled_adapter_reason(adapter_dir: Path) -> str | None:
+    """Why an adapter folder must not be loaded: its weights are only pickled (PEFT would torch.load them)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file() or (adapter_dir / "adapter_model.safetensors").is_file():
+        return None
+    pickled = pickled_files(adapter_dir)
+    if not pickled:
+        return None
+    return (f"{adapter_dir} holds only pickled weights ({', '.join(pickled[:3])}), which are never loaded "
+            "(a pickle can run code); save the adapter with safetensors")
 
 
 def list_tensors(files: list[Path]) -> dict[str, TensorInfo]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +17,20 @@ from ..config import DATA_FORMATS, ConfigError, DataConfig, field_help
 DATA_HELP = field_help(DataConfig)
 UPLOAD_KINDS = [".jsonl", ".json", ".csv", ".parquet", ".txt"]
 MAX_UPLOAD_MB = 200
+
+
+def max_upload_mb() -> float:
+    """The upload limit in MB: $STUDIO_MAX_UPLOAD_MB, else MAX_UPLOAD_MB. Read when the server starts."""
+    raw = os.environ.get("STUDIO_MAX_UPLOAD_MB")
+    if not raw:
+        return float(MAX_UPLOAD_MB)
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not 0 < mb < float("inf"):
+        raise ValueError(f"STUDIO_MAX_UPLOAD_MB = {raw!r} must be a number of megabytes > 0")
+    return mb
 
 
 def dataset_choices(runs_dir: Path) -> list[tuple[str, str]]:
@@ -63,15 +78,23 @@ def save_upload(tmp_path: str | None, runs_dir: Path) -> str:
     except ConfigError as e:
         raise gr.Error(str(e).replace(str(src.parent) + "/", ""), print_exception=False) from None
     dest_dir = runs_dir / "uploads"
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / safe_upload_name(src.name)
-    n = 2
-    while dest.exists():
-        dest = dest_dir / f"{Path(safe_upload_name(src.name)).stem}-{n}{suffix}"
-        n += 1
-    tmp = dest.with_name(f".{dest.name}.part")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / safe_upload_name(src.name)
+        n = 2
+        while dest.exists():
+            dest = dest_dir / f"{Path(safe_upload_name(src.name)).stem}-{n}{suffix}"
+            n += 1
+        tmp = dest.with_name(f".{dest.name}.part")
+        try:
+            shutil.copyfile(src, tmp)
+            tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)  # a disk that filled up mid-copy leaves no half file behind
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise gr.Error(f"cannot save the upload in {dest_dir}: {e.strerror or e}{where}",
+                       print_exception=False) from None
     return str(dest)
 
 

@@ -36,11 +36,15 @@ def merge(runs_dir: Path, run_id: str, dtype: str, verify: bool, progress=None) 
 
     try:
         rep = merging.merge_run(d, dtype=dtype, verify=verify, overwrite=True, progress=report)
+        zip_path = None
+        if rep.size_mb <= ZIP_LIMIT_MB:
+            zip_path = str(export.export_merged_zip(rep.out, d / "exports" / f"{run_id}-merged.zip"))
     except ConfigError as e:
         raise gr.Error(str(e), print_exception=False) from None
-    zip_path = None
-    if rep.size_mb <= ZIP_LIMIT_MB:
-        zip_path = str(export.export_merged_zip(rep.out, d / "exports" / f"{run_id}-merged.zip"))
+    except OSError as e:  # a full disk: the merge left nothing that looks complete; say why
+        where = f" ({e.filename})" if e.filename else ""
+        raise gr.Error(f"cannot write the merged model of {run_id}: {e.strerror or e}{where}",
+                       print_exception=False) from None
     return report_html(rep.to_dict(), zip_path is None), zip_path
 
 

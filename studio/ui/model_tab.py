@@ -14,6 +14,7 @@ import gradio as gr
 
 from .. import lora, models
 from ..config import ConfigError, LoraSettings, field_help, parse_layers
+from ..shards import pickled_files
 from ..tree import ModelTree, human, model_tree
 from .charts import param_chart
 from .tree_view import ModuleTree, leaf_index, render_tree
@@ -86,7 +87,11 @@ def summary_markdown(ref: str, src, tree: ModelTree) -> str:
             f"task `{tree.task}`"]
     if s.get("num_hidden_layers"):
         bits.append(f"{s['num_hidden_layers']} layers, hidden {s.get('hidden_size')}")
-    if src.explore_only:
+    pickled = pickled_files(src.path) if src.explore_only and src.path is not None else []
+    if pickled:
+        bits.append(f"**explore only**: the weights are pickled ({html.escape(', '.join(pickled[:3]))}), which are "
+                    "never loaded (a pickle can run code); convert them to safetensors to train")
+    elif src.explore_only:
         bits.append("**explore only**: config without weights, built on the meta device; "
                     "counts are exact, training needs a model with weights")
     else:

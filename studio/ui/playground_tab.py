@@ -18,11 +18,16 @@ from .runs_tab import _dir
 
 def _playground(runs_dir: Path, run_id: str):
     from ..generate import Playground
+    from ..shards import pickled_adapter_reason
 
     if not run_id:
         raise gr.Error("pick a run with an adapter (train one on the Train tab first)", print_exception=False)
+    run_dir = _dir(runs_dir, run_id)
+    reason = pickled_adapter_reason(run_dir / "adapter")  # PEFT would torch.load a pickle-only adapter
+    if reason:
+        raise gr.Error(reason, print_exception=False)
     try:
-        return Playground.for_run(_dir(runs_dir, run_id))
+        return Playground.for_run(run_dir)
     except ConfigError as e:
         raise gr.Error(str(e), print_exception=False) from None
 
