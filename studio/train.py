@@ -141,6 +141,15 @@ class StudioTrainer(Trainer):
             self.bad_loss = (self.state.global_step + 1, float(loss.float().mean()))
         return loss
 
+    def _save_checkpoint(self, model, trial):
+        # Rotation waits for the completion marker (StudioCallback.on_save): deleting older
+        # checkpoints before the new one is marked complete could leave none to resume from.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if model.training and self.inject_nan_at == self.state.global_step + 1:
@@ -220,6 +229,11 @@ class StudioCallback(TrainerCallback):
         if self.report.enabled:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             runs.write_json_atomic(folder / runs.COMPLETE_MARKER, {"step": state.global_step, "saved_at": time.time()})
+            if args.save_total_limit:
+                from transformers import trainer as hf_trainer
+
+                hf_trainer.rotate_checkpoints(output_dir=args.output_dir, save_total_limit=args.save_total_limit,
+                                              best_model_checkpoint=state.best_model_checkpoint, use_mtime=True)
         self.mark = time.time()
 
     def on_log(self, args, state, control, logs=None, **kw):

@@ -347,11 +347,6 @@ def test_stop_during_a_save_finishes_it_and_ends_stopped(dataset, trainer_env, t
         kill_all(root)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "studio/train.py: Trainer._save_checkpoint deletes older checkpoints (rotate_checkpoints, "
-    "save_total_limit) before StudioCallback.on_save writes the completion marker of the new one; "
-    "with save_total_limit=1 a kill in between leaves no complete checkpoint, and resume restarts "
-    "from step 0"))
 def test_sigkill_after_rotation_before_the_marker_keeps_a_complete_checkpoint(dataset, trainer_env, tmp_path):
     sentinel = trainer_env("rotate", 20, 60)
     root = tmp_path / "runs"
