@@ -98,9 +98,7 @@ def resolve_targets(tree: ModelTree, settings: LoraSettings) -> Resolution:
         hit = check_target_module_exists(cfg, m.path)
         if hit and hit.__class__.__name__ != "_ExcludedModule":
             (matched if m.lora_targetable else unsupported).append(m.path)
-    unmatched = _unmatched(tree, settings.target_modules, cfg) if not matched else []
-    if matched and isinstance(settings.target_modules, (list, tuple)):
-        unmatched = _unmatched(tree, settings.target_modules, cfg, matched)
+    unmatched = _unmatched(settings.target_modules, matched)
     mts = _modules_to_save(tree, cfg.modules_to_save or [])
     # PEFT excludes modules_to_save from LoRA by a dotted-name regex but wraps them by a plain
     # suffix, so e.g. DistilBERT's pre_classifier ends up in both and get_peft_model fails.
@@ -116,16 +114,11 @@ def _check_regex(value, name: str) -> None:
             raise TargetError(f"{name}: {value!r} is not a valid regular expression ({e})") from None
 
 
-def _unmatched(tree: ModelTree, requested, cfg: LoraConfig, matched: list[str] | None = None) -> list[str]:
+def _unmatched(requested, matched: list[str]) -> list[str]:
     """Requested names that account for no adapted module (a silent non-match trains nothing)."""
     if isinstance(requested, str):
         return [] if matched else [requested]
-    paths = matched if matched is not None else []
-    out = []
-    for t in requested:
-        if not any(p == t or p.endswith("." + t) for p in paths):
-            out.append(t)
-    return out
+    return [t for t in requested if not any(p == t or p.endswith("." + t) for p in matched)]
 
 
 def _modules_to_save(tree: ModelTree, names: list[str]) -> list[str]:
@@ -163,7 +156,7 @@ def count(tree: ModelTree, settings: LoraSettings, resolution: Resolution | None
     if tree.factory is not None and peft_rewrites_targets(tree.model_type):
         return _count_with_peft(tree, settings, res)
     by_path = tree.by_path
-    rank_keys, alpha_keys = list(settings.rank_pattern), list(settings.alpha_pattern)
+    rank_keys = list(settings.rank_pattern)
     lora = 0
     by_type: dict[str, int] = {}
     by_layer: dict[str, int] = {}

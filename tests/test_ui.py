@@ -145,7 +145,7 @@ def test_preview_reports_format_and_token_stats():
 def test_runs_tab_refuses_ids_that_are_not_run_folders(tmp_path):
     for bad in ("..", "../x", "/etc", "nope"):
         with pytest.raises(Exception):
-            runs_tab._dir(tmp_path, bad)
+            runs_tab.run_folder(tmp_path, bad)
 
 
 def test_status_view_without_a_run():

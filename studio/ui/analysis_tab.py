@@ -15,13 +15,13 @@ import plotly.graph_objects as go
 
 from ..config import ConfigError
 from .export_tab import exportable
-from .runs_tab import _dir
+from .runs_tab import run_folder
 
 
 def _adapter(runs_dir: Path, run_id: str):
     from ..analysis import Adapter
 
-    return Adapter(_dir(runs_dir, run_id))
+    return Adapter(run_folder(runs_dir, run_id))
 
 
 def modules(runs_dir: Path, run_id: str) -> list[str]:
@@ -40,7 +40,8 @@ def subspace(runs_dir: Path, run_a: str, run_b: str, module: str | None, which: 
     if not run_a or not run_b:
         raise gr.Error("pick two runs (the same run twice compares an adapter with itself)", print_exception=False)
     try:
-        out = subspace_similarity(_dir(runs_dir, run_a), _dir(runs_dir, run_b), module=module or None, which=which)
+        out = subspace_similarity(run_folder(runs_dir, run_a), run_folder(runs_dir, run_b),
+                                  module=module or None, which=which)
     except ConfigError as e:
         raise gr.Error(str(e), print_exception=False) from None
     grid = out["phi"]
@@ -64,7 +65,7 @@ def spectrum(runs_dir: Path, run_id: str):
     from ..analysis import spectrum as spec
 
     try:
-        rows = spec(_dir(runs_dir, run_id))
+        rows = spec(run_folder(runs_dir, run_id))
     except ConfigError as e:
         raise gr.Error(str(e), print_exception=False) from None
     fig = go.Figure()
@@ -83,7 +84,7 @@ def amplification(runs_dir: Path, run_id: str):
     from ..analysis import amplification as amp
 
     try:
-        rows = amp(_dir(runs_dir, run_id))
+        rows = amp(run_folder(runs_dir, run_id))
     except ConfigError as e:
         raise gr.Error(str(e), print_exception=False) from None
     return [[r["module"], r["r"], _g(r["delta_w_norm"]), _g(r["projected_w_norm"]), _g(r["w_norm"]),

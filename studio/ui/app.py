@@ -73,7 +73,7 @@ def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
         demo.load(_on_page_load(root), [model_state], [m.module_tree, m.target_types, m.summary, model_state,
                                                           t.run_state], api_name="page_load", **LIGHT) \
             .then(_recount, m.lora_inputs, [m.param_count, m.param_chart, model_reason], **LIGHT) \
-            .then(functools.partial(_preview, root), [d.dataset_select, d.data_format, d.max_length, model_state],
+            .then(_preview, [d.dataset_select, d.data_format, d.max_length, model_state],
                   [d.dataset_preview, d.data_info, d.data_error], **LIGHT) \
             .then(functools.partial(_poll, root, True), [t.run_state, model_reason, d.data_error],
                   [t.run_state, t.run_status, t.run_progress, t.loss_plot, t.start_reason, t.train_start,
@@ -141,7 +141,7 @@ def _wire_model(m, d, t, model_state, model_reason):
 
 # --- data ----------------------------------------------------------------------------------
 
-def _preview(root: Path, path, fmt, max_length, state):
+def _preview(path, fmt, max_length, state):
     rows, info, error = data_tab.preview(path, fmt, max_length, state)
     import pandas as pd
 
@@ -149,7 +149,7 @@ def _preview(root: Path, path, fmt, max_length, state):
 
 
 def _wire_data(d, t, model_state, model_reason, root: Path):
-    prev = dict(fn=functools.partial(_preview, root), inputs=[d.dataset_select, d.data_format, d.max_length, model_state],
+    prev = dict(fn=_preview, inputs=[d.dataset_select, d.data_format, d.max_length, model_state],
                 outputs=[d.dataset_preview, d.data_info, d.data_error], **LIGHT)
     for w in (d.dataset_select, d.data_format, d.max_length):
         w.change(**prev)

@@ -15,7 +15,7 @@ import gradio as gr
 
 from .. import runs
 from ..config import ConfigError
-from .runs_tab import _dir, run_ids
+from .runs_tab import run_folder, run_ids
 
 ZIP_LIMIT_MB = 512
 
@@ -28,7 +28,7 @@ def merge(runs_dir: Path, run_id: str, dtype: str, verify: bool, progress=None) 
     """Merge (again) into RUN/merged. Returns (merge-report HTML, merged zip path or None)."""
     from .. import export, merge as merging
 
-    d = _dir(runs_dir, run_id)
+    d = run_folder(runs_dir, run_id)
 
     def report(done: int, total: int, what: str) -> None:
         if progress is not None:
@@ -70,7 +70,7 @@ def report_html(r: dict, too_big: bool) -> str:
 def adapter_zip(runs_dir: Path, run_id: str) -> str:
     from .. import export
 
-    d = _dir(runs_dir, run_id)
+    d = run_folder(runs_dir, run_id)
     try:
         from ..config import load_config
 

@@ -13,7 +13,7 @@ import gradio as gr
 
 from ..config import ConfigError
 from .export_tab import exportable
-from .runs_tab import _dir
+from .runs_tab import run_folder
 
 
 def _playground(runs_dir: Path, run_id: str):
@@ -22,7 +22,7 @@ def _playground(runs_dir: Path, run_id: str):
 
     if not run_id:
         raise gr.Error("pick a run with an adapter (train one on the Train tab first)", print_exception=False)
-    run_dir = _dir(runs_dir, run_id)
+    run_dir = run_folder(runs_dir, run_id)
     reason = pickled_adapter_reason(run_dir / "adapter")  # PEFT would torch.load a pickle-only adapter
     if reason:
         raise gr.Error(reason, print_exception=False)

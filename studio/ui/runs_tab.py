@@ -45,7 +45,7 @@ def run_ids(runs_dir: Path) -> list[str]:
     return [r["id"] for r in runs.list_runs(runs_dir)]
 
 
-def _dir(runs_dir: Path, run_id: str) -> Path:
+def run_folder(runs_dir: Path, run_id: str) -> Path:
     """A run folder by id; ids come from the browser, so nothing but a direct child is accepted."""
     if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
         raise gr.Error(f"no run {run_id!r}", print_exception=False)
@@ -58,14 +58,14 @@ def _dir(runs_dir: Path, run_id: str) -> Path:
 def overlay(runs_dir: Path, ids: list[str]):
     series = {}
     for run_id in ids or []:
-        rows, _ = runs.read_metrics(_dir(runs_dir, run_id), 0)
+        rows, _ = runs.read_metrics(run_folder(runs_dir, run_id), 0)
         series[run_id] = rows
     return loss_figure(series)
 
 
 def resume(runs_dir: Path, run_id: str) -> str:
     try:
-        runs.resume_run(_dir(runs_dir, run_id))
+        runs.resume_run(run_folder(runs_dir, run_id))
     except ConfigError as e:
         raise gr.Error(str(e), print_exception=False) from None
     return f"Resumed **{run_id}** from its last complete checkpoint; follow it on the Train tab."
@@ -73,7 +73,7 @@ def resume(runs_dir: Path, run_id: str) -> str:
 
 def delete(runs_dir: Path, run_id: str) -> str:
     try:
-        runs.delete_run(_dir(runs_dir, run_id))
+        runs.delete_run(run_folder(runs_dir, run_id))
     except ConfigError as e:
         raise gr.Error(str(e), print_exception=False) from None
     return f"Deleted **{run_id}**."

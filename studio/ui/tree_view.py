@@ -126,7 +126,7 @@ def render_tree(tree: ModelTree, open_depth: int = 5) -> str:
             k = f"{key}.{kid['name']}" if key else kid["name"]
             ek = html.escape(k, quote=True)
             if kid.get("children"):
-                box = f"<input type='checkbox' data-group title='select all LoRA-able modules below'>" if has_lora(kid) else ""
+                box = "<input type='checkbox' data-group title='select all LoRA-able modules below'>" if has_lora(kid) else ""
                 opened = " open" if depth < open_depth else ""
                 parts.append(f"<li><details{opened}><summary>{box}{label(kid)}</summary>")
                 walk(kid, k, depth + 1)
