@@ -7,11 +7,12 @@ temporary runs folder) and one training run (tiny-llama, LoRA r=8 on q/k/v/o_pro
 128 tokens packed, fp32 on CPU, logging every step, no checkpoints or evaluation while measured).
 While it trains, phases alternate: idle (the server up, nobody polling), then load (`--clients`
 clients polling), `--rounds` times, ending idle: A B A B A. Each load client behaves like an
-open browser tab on the Train tab: it opens a session with the page's load event, then fires
-the Train tab's timer event once a second, each sent the way the page's own client sends it,
-read from the page's config: an event that skips the queue is one POST to /gradio_api/run/NAME;
-a queued one is POST /gradio_api/queue/join, then the session's SSE stream
-(/gradio_api/queue/data) until `process_completed`. Latency is from the request to the result.
+open browser tab on the Train tab: it opens a session with the page's load event (sent the way
+the page's client sends it, read from the page's config: a queue join, then the session's SSE
+stream until `process_completed`), then polls the live view's route once a second while the run
+is active, as the view's script does (studio/ui/live.py): GET /studio/live with the run it shows
+and the curve version it has, accepting brotli like a browser; the chart comes back only when
+it changed. Latency is from the request to the whole answer.
 
 Training speed comes from the trainer's own metrics (tokens and training seconds per logged
 step, read by byte offset at phase boundaries), so only steps inside a phase count; slowdown =
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -49,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from studio import runs  # noqa: E402
 from studio.config import RunConfig  # noqa: E402
+from studio.ui import live  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon", "candle", "orbit", "maple"]
@@ -111,23 +114,26 @@ def fn_indices(port: int) -> dict[str, tuple[int, bool]]:
     conn.close()
     queued_default = cfg.get("enable_queue", True)
     return {d["api_name"]: (d["id"], queued_default if d.get("queue") is None else bool(d["queue"]))
-            for d in cfg["dependencies"] if d.get("api_name") in ("poll", "page_load")}
+            for d in cfg["dependencies"] if d.get("api_name") == "page_load"}
 
 
 class Tab(threading.Thread):
-    """One browser tab on the Train tab: the page's load event once, then the timer event every second."""
+    """One browser tab on the Train tab: the page's load event once, then the live view's poll
+    once a second while the run is active (every 5 s when it is not)."""
 
     def __init__(self, port: int, fns: dict, stop: threading.Event, interval: float, start_at: float):
         super().__init__(daemon=True)
         self.port, self.fns, self.stop, self.interval, self.start_at = port, fns, stop, interval, start_at
         self.session = uuid.uuid4().hex[:11]
         self.latencies: list[tuple[float, float]] = []  # (monotonic start, seconds)
+        self.shown, self.seen = None, ""  # the run the tab shows and the chart it holds (the answer's token)
+        self.plots = self.appends = 0  # answers with the whole chart, with new points only
         self.errors: list[str] = []
         self.loaded = threading.Event()
 
     def event(self, name: str, n_inputs: int) -> float:
-        """One event as the page sends it: a POST to /run/NAME for an event that skips the queue,
-        else a queue join and the SSE stream of the session until the result."""
+        """One gradio event as the page sends it: a POST to /run/NAME for an event that skips the
+        queue, else a queue join and the SSE stream of the session until the result."""
         fn, queued = self.fns[name]
         t0 = time.perf_counter()
         join = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -164,9 +170,34 @@ class Tab(threading.Thread):
         finally:
             stream.close()
 
+    def live(self) -> tuple[float, dict]:
+        """One poll of the Train tab's live view, as its script sends it (studio/ui/live.py): the
+        run it shows and the curve version it has; the chart comes back only when newer."""
+        query = urllib.parse.urlencode({"seen": self.seen, **({"run": self.shown} if self.shown else {})})
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", f"{live.LIVE_PATH}?{query}", headers={"Accept-Encoding": "gzip, deflate, br"})
+            r = conn.getresponse()
+            out = r.read()
+        finally:
+            conn.close()
+        took = time.perf_counter() - t0
+        if r.status != 200:
+            raise RuntimeError(f"{live.LIVE_PATH} answered {r.status}: {out[:300]!r}")
+        if r.getheader("Content-Encoding") == "br":
+            import brotli
+
+            out = brotli.decompress(out)
+        d = json.loads(out)
+        self.shown, self.seen = d["run"], d["seen"]  # what the view's script keeps for the next poll
+        self.plots += "plot" in d
+        self.appends += "append" in d
+        return took, d
+
     def run(self) -> None:
         try:
-            self.event("page_load", 1)  # a new tab: re-attach to the run, whole curve
+            self.event("page_load", 1)  # a new tab: the model tab's tree and the run to follow
         except Exception as e:  # noqa: BLE001 - a benchmark records failures, it does not stop on them
             self.errors.append(f"page_load: {e}")
         self.loaded.set()
@@ -176,11 +207,14 @@ class Tab(threading.Thread):
             if delay > 0 and self.stop.wait(delay):
                 break
             t = time.monotonic()
+            interval = self.interval
             try:
-                self.latencies.append((t, self.event("poll", 3)))
+                took, d = self.live()
+                self.latencies.append((t, took))
+                interval = self.interval if d["active"] else live.TICK_IDLE_MS / 1000
             except Exception as e:  # noqa: BLE001
                 self.errors.append(str(e))
-            next_at = max(next_at + self.interval, time.monotonic())  # a late tick is not made up twice
+            next_at = max(next_at + interval, time.monotonic())  # a late tick is not made up twice
 
 
 def phase_speed(rows: list[dict]) -> dict:
@@ -257,7 +291,8 @@ def measure(a) -> dict:
             phases.append({"kind": kind, **phase_speed(rows), "cpu": cpu, "polls": len(lat),
                            "poll_p50_ms": pct(lat, 50) * 1000 if lat else None,
                            "poll_p95_ms": pct(lat, 95) * 1000 if lat else None,
-                           "latencies_s": lat, "errors": [e for t in tabs for e in t.errors]})
+                           "latencies_s": lat, "errors": [e for t in tabs for e in t.errors],
+                           "charts": sum(t.plots for t in tabs), "appends": sum(t.appends for t in tabs)})
             print(f"{kind:>4}: {phases[-1]['tokens_per_s'] or 0:8,.0f} tokens/s over {phases[-1]['steps']} steps; "
                   f"server CPU {cpu['server']:.0%}, trainer CPU {cpu['trainer']:.0%}"
                   + (f"; {len(lat)} polls, p50 {pct(lat, 50) * 1000:.0f} ms, p95 {pct(lat, 95) * 1000:.0f} ms"
@@ -285,7 +320,7 @@ def measure(a) -> dict:
         "phase_s": a.phase_s, "rounds": a.rounds, "threads": a.threads, "machine": machine(),
         "load_average": os.getloadavg()[0], "steps_at_end": st.get("step"),
         "idle_tokens_per_s": idle, "load_tokens_per_s": load, "slowdown": 1 - load / idle,
-        "poll_count": len(lat), "poll_p50_ms": pct(lat, 50) * 1000, "poll_p95_ms": pct(lat, 95) * 1000,
+        "poll_count": len(lat), "charts": sum(p["charts"] for p in phases), "appends": sum(p["appends"] for p in phases), "poll_p50_ms": pct(lat, 50) * 1000, "poll_p95_ms": pct(lat, 95) * 1000,
         "poll_p99_ms": pct(lat, 99) * 1000, "poll_max_ms": max(lat) * 1000,
         "errors": [e for p in phases for e in p["errors"]][:20],
         "phases": [{k: v for k, v in p.items() if k != "latencies_s"} for p in phases],
@@ -324,45 +359,65 @@ def markdown(results: list[dict]) -> str:
     summary = "\n".join(
         f"| {r['threads']} | **{r['slowdown']:.1%}** ({r['idle_tokens_per_s']:,.0f} -> {r['load_tokens_per_s']:,.0f}) | "
         f"{r['poll_p50_ms']:.0f} / **{r['poll_p95_ms']:.0f}** / {r['poll_p99_ms']:.0f} / {r['poll_max_ms']:.0f} | "
-        f"{r['poll_count']} | {len(r['errors'])} | {met(r)} |" for r in results)
+        f"{r['poll_count']} | {r['charts']} / {r['appends']} | {len(r['errors'])} | {met(r)} |" for r in results)
     return f"""## UI under load
 
 `bench/ui_load.py`: the UI server (`python app.py` on 127.0.0.1) and one training run (tiny-llama,
 LoRA r=8 on q/k/v/o_proj, batch 8 x 128 tokens packed, fp32 on CPU, a metrics line every step),
 with {r0['history']} finished runs already in the runs folder. Phases of {r0['phase_s']:g} s
-alternate while it trains: idle (nobody polling) and load ({r0['clients']} browser-like clients,
-each a session that ran the page's load event and then fires the Train tab's 1-second timer the
-way the page does: a POST to /gradio_api/run/poll, since that event skips the queue; the clients
-run on the same machine).
-Training speed is the trainer's own tokens per training second over the steps logged inside each
-phase. Measured {r0['date']} on {r0['machine']}; 1-minute load average {r0['load_average']:.1f}
-at the end (a shared machine).
+alternate while it trains: idle (nobody polling) and load ({r0['clients']} browser-like clients on
+the same machine, each a session that ran the page's load event, then polls the Train tab's live
+view once a second the way its script does: GET /studio/live with the run it shows and the token
+of the chart it holds, accepting brotli; the first answer carries the whole chart, later ones the
+new points). Training speed is the trainer's own tokens per training second over the steps logged
+inside each phase. Measured {r0['date']} on {r0['machine']}; 1-minute load average
+{r0['load_average']:.1f} at the end (a shared machine).
 
-| trainer threads | **training slowdown** (tokens/s idle -> load, pooled phases) | poll latency p50 / **p95** / p99 / max (ms) | polls | failed | targets met |
-| ---: | --- | --- | ---: | ---: | --- |
+| trainer threads | **training slowdown** (tokens/s idle -> load, pooled phases) | poll latency p50 / **p95** / p99 / max (ms) | polls | whole charts / new points sent | failed | targets met |
+| ---: | --- | --- | ---: | --- | ---: | --- |
 {summary}
 
 Targets: slowdown < {TARGET_SLOWDOWN:.0%} and p95 < {TARGET_P95_MS:.0f} ms, {"met by every configuration" if ok else "not met by every configuration (see the last column)"}.
 
 | threads | phase | kind | steps | tokens/s | median step (ms) | server CPU | trainer CPU | clients CPU | polls | p50 / p95 (ms) |
 | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |
-""" + "\n".join(phase_rows(r) for r in results) + f"""
+""" + "\n".join(phase_rows(r) for r in results) + """
 
-What the poll cost before the fixes of 2026-11-22 (this script, 1 trainer thread, 8 s phases, no
-finished runs, the tick through the queue): **14.7%** slowdown and a p95 of **1,945 ms**, the server
-at 92% of a core and too slow to answer every tick. The causes, found with cProfile on the server:
-the loss chart was a validating plotly Figure rebuilt for every tab at every tick (22-28 ms; now
-plain JSON, 0.5 ms); gradio's queue rebuilt a pandas summary of every event it remembered after
-each event (about 15 ms) for the monitoring page, which is off (now never rebuilt); every tab kept
-its own copy of the rows and rebuilt the chart from all of them, O(steps) a tick (28 ms at 10,000
-steps; now one curve per run, extended by the new rows and serialized once for every tab, at most
-1,000 points a line); and the tick went through the queue (join + event stream; now one POST,
-which took the p95 from about 100 ms to under 20).
+Server CPU is the UI process's share of one core over the phase. With the trainer's threads on
+every core, anything else that runs takes a core from one of them while OpenMP's other thread
+waits for it, so training loses more than the CPU share the server and clients use; with a core
+to spare they run beside it.
 
-Server CPU is the UI process's share of one core over the phase. When the trainer's threads take
-every core of the machine, the server and the clients can only run in the trainer's time, and
-OpenMP's threads wait for the slowest one, so tokens/s drop by more than the CPU share they take;
-with a core to spare they run beside it. Re-run: `python bench/ui_load.py` (rewrites this section only).
+How the poll got here (2 trainer threads, 20 clients, 2-3 load phases of 10-12 s each,
+2026-11-22; differences under about 4 points are within this shared machine's noise):
+
+| what a tick was | server CPU under load | training slowdown |
+| --- | ---: | ---: |
+| gradio timer event, POST /gradio_api/run/poll, 8 outputs (the design before) | 13-18% | 7-16% |
+| the same as a coroutine with pre/postprocessing off (no worker thread woken) | 13-14% | 8.1% |
+| ... and gradio's queue polling for work every 20 ms instead of every 1 ms | 9-13% | 12.5% |
+| own route, whole chart (30-60 kB) in every answer | 6-8% | 9-12% |
+| own route, a trivial answer (robots.txt) at the same rate, for scale | 4-5% | 0.9% |
+| ... the same plus 2 /proc/PID/stat reads of the trainer per poll | 5% | 7.3% |
+| own route, no chart at all, for scale | 4-5% | 5.9% |
+| own route, new points only, liveness remembered for 1 s (now) | 5% | 3.1% |
+
+Three things mattered. A gradio event costs 3-4 ms of server CPU however little the handler does
+(routing, session state, a schema per update, the handler and every output postprocessed on
+worker threads); the live view's own route costs about 0.5 ms. Each status read checked the
+trainer's pid through /proc/PID/stat, for which the kernel sums the CPU time of every trainer
+thread: two such reads per poll cost the run 6 points on their own; the answer is now reused for
+a second. And the whole chart, re-sent every second to every tab and parsed there, cost another
+3-6 points: a tab that holds the chart now gets only the points added since its last answer (a
+few hundred bytes). Separately, gradio's queue looked for work every millisecond when idle, 5.8% of a
+core on a server nobody used (now 1.5%; a queued click waits up to 20 ms more).
+
+Earlier fixes, on 2026-11-22 too (1 trainer thread, the tick then through the queue): 14.7%
+slowdown and a p95 of 1,945 ms before; the chart was a validating plotly Figure rebuilt per tab per
+tick (22-28 ms, now plain JSON built once per version), gradio rebuilt a pandas summary of every
+event for its monitoring page after each event (about 15 ms, now never), and each tab rebuilt the
+chart from all rows (O(steps) a tick, now one curve per run extended by the new rows).
+Re-run: `python bench/ui_load.py` (rewrites this section only).
 """
 
 

@@ -187,12 +187,11 @@ def live(dataset, tmp_path_factory):
         wait_until(lambda: runs.read_status(run_dir)["step"] >= 5, 90, "step 5", run_dir)
         from gradio_client import Client
 
-        from studio.ui.app import build_app
+        from studio.ui.app import launch
 
-        demo = build_app(root)
         port = free_port()
-        demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        yield run_dir, Client(f"http://127.0.0.1:{port}", verbose=False)
+        demo = launch(port=port, runs_dir=root, prevent_thread_lock=True, quiet=True)
+        yield run_dir, Client(f"http://127.0.0.1:{port}", verbose=False), port
     finally:
         kill_all(root)
         if demo is not None:
@@ -205,30 +204,39 @@ def metric_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]
 
 
-def plotted_steps(plot) -> list[int]:
-    fig = json.loads(plot["plot"]) if isinstance(plot, dict) and "plot" in plot else plot
+def plotted_steps(fig) -> list[int]:
     trace = next(t for t in fig["data"] if t.get("name") == "train loss")
     return [int(x) for x in trace["x"]]
 
 
+def poll(port: int) -> tuple[str, dict | None]:
+    """What the Train tab's live view asks a fresh page: (run-status HTML, the whole chart)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/studio/live", timeout=30) as r:
+        d = json.loads(r.read())
+    return d["status"], d.get("plot")
+
+
 def test_new_ui_finds_the_running_run_and_its_whole_curve(live):
-    run_dir, client = live
-    client.predict(api_name="/page_load")  # what a fresh page does first: re-attach to the active run
+    run_dir, client, port = live
+    attached = client.predict(api_name="/page_load")[-1]  # what a fresh page does first: re-attach to the active run
+    assert attached == {"run": run_dir.name, "active": True}, attached
     before = metric_steps(run_dir)
-    status, bar, plot, *_ = client.predict(api_name="/poll")
+    status, plot = poll(port)
     assert run_dir.name in status and "st-running" in status, status
     shown = plotted_steps(plot)
     # the whole curve from step 1, not only what was logged after the UI came up
     assert shown[:5] == [1, 2, 3, 4, 5] and len(shown) >= len(before)
     assert shown == metric_steps(run_dir)[:len(shown)]
     wait_until(lambda: runs.read_status(run_dir)["step"] >= shown[-1] + 3, 30, "more steps", run_dir)
-    status, bar, plot, *_ = client.predict(api_name="/poll")
+    status, plot = poll(port)
     again = plotted_steps(plot)
     assert len(again) > len(shown) and again[:len(shown)] == shown  # it keeps following
 
 
 def test_unwritable_runs_folder_is_a_clear_error_and_the_server_stays_up(live, tmp_path):
-    run_dir, client = live
+    run_dir, client, port = live
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
@@ -241,7 +249,7 @@ def test_unwritable_runs_folder_is_a_clear_error_and_the_server_stays_up(live, t
             client.predict(handle_file(str(good)), api_name="/upload_dataset")
     finally:
         (root / "uploads").unlink()
-    status, *_ = client.predict(api_name="/poll")  # the app is still up and answering
+    status, _ = poll(port)  # the app is still up and answering
     assert run_dir.name in status
     # Start and upload handlers, in-process, with the whole runs folder a file
     blocked = tmp_path / "runs-is-a-file"
@@ -256,7 +264,7 @@ def test_unwritable_runs_folder_is_a_clear_error_and_the_server_stays_up(live, t
 
 
 def test_sigkill_mid_step_shows_failed_with_log_tail_then_resumes(live, capsys):
-    run_dir, client = live
+    run_dir, client, port = live
     wait_until(lambda: runs.last_complete_checkpoint(run_dir), 60, "a complete checkpoint", run_dir)
     step_before = runs.read_status(run_dir)["step"]
     killed_at = kill9(run_dir)
@@ -274,7 +282,7 @@ def test_sigkill_mid_step_shows_failed_with_log_tail_then_resumes(live, capsys):
     listed = json.loads(capsys.readouterr().out)["runs"]
     assert listed[0]["state"] == "failed" and listed[0]["error"].endswith(tail)
     # the UI, through the server: failed badge and the log tail in place
-    status, *_ = client.predict(api_name="/poll")
+    status, _ = poll(port)
     assert "st-failed" in status and "rs-err" in status and "ended without writing a final state" in status
     assert time.monotonic() - killed_at < DETECT_LIMIT_S + 2  # well within a poll or two
 
@@ -391,6 +399,7 @@ def test_cli_disk_full_exits_1_with_one_line(dataset, tmp_path):
     assert p.returncode == 1 and len(lines) == 1, p.stderr
     assert lines[0] == f"studio train: failed: cannot write the runs folder {tmp_path / 'runs'}: File too large"
     assert runs.list_runs(tmp_path / "runs") == []  # nothing half-made is listed as a run
+    assert [p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")] == []  # nor left as a folder
     assert runs.active_run(tmp_path / "runs") is None  # and no trainer was started
 
 

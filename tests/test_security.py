@@ -217,7 +217,8 @@ def test_every_route_refuses_without_credentials(server):
     for method, path in (("GET", "/config"), ("GET", "/gradio_api/info"), ("POST", "/gradio_api/queue/join"),
                          ("GET", f"/gradio_api/file={inside}"), ("POST", "/gradio_api/upload"),
                          ("GET", "/gradio_api/queue/data?session_hash=abc"), ("GET", "/gradio_api/heartbeat/abc"),
-                         ("POST", "/gradio_api/call/poll"), ("GET", "/openapi.json")):
+                         ("POST", "/gradio_api/call/list_runs"), ("GET", "/openapi.json"),
+                         ("GET", "/studio/live"), ("GET", "/studio/live?run=x&seen=")):
         status, _, text = request(port, method, path, body="{}" if method == "POST" else None)
         assert status in (401, 404) and "inside the runs folder" not in text, (method, path, status)
     # with the login cookie the same routes work (the probes above reached real handlers)
@@ -227,6 +228,8 @@ def test_every_route_refuses_without_credentials(server):
     status, _, text = request(port, "GET", f"/gradio_api/file={inside}", cookie=cookie)
     assert status == 200 and text == "inside the runs folder\n"
     assert request(port, "GET", "/", cookie=cookie)[2].count("start_training") >= 1
+    status, _, text = request(port, "GET", "/studio/live", cookie=cookie)
+    assert status == 200 and "No run yet" in json.loads(text)["status"]
 
 
 def test_login_page_describes_nothing_of_the_app(server):
@@ -247,8 +250,8 @@ def test_api_client_with_credentials_works_and_without_is_refused(server):
     url = f"http://127.0.0.1:{server['port']}"
     with pytest.raises(Exception):
         Client(url, verbose=False)
-    status, *_ = Client(url, auth=(USER, PASSWORD), verbose=False).predict(api_name="/poll")
-    assert "No run yet" in status
+    table, *_ = Client(url, auth=(USER, PASSWORD), verbose=False).predict(None, [], api_name="/list_runs")
+    assert table["headers"][:3] == ["id", "state", "steps"] and table["data"] == [], table  # the (empty) runs table
 
 
 @pytest.mark.browser
@@ -305,6 +308,8 @@ def traversal_probes(server) -> list[str]:
         f"/static/{up}etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
         "/assets/..%2f..%2f..%2f..%2f..%2fetc%2fpasswd", "/svelte/..%2f..%2f..%2f..%2fetc%2fpasswd",
         "/gradio_api/proxy=file:///etc/passwd", "/gradio_api/proxy=http://127.0.0.1:22/", "/file=/etc/passwd",
+        f"/studio/live?run={up}etc", "/studio/live?run=..", "/studio/live?run=%2e%2e%2f%2e%2e%2fetc",
+        f"/studio/live?run={tmp}", "/studio/live?run=..%5c..%5cetc", f"/studio/plotly.min.js/{up}etc/passwd",
     ]
 
 

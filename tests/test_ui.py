@@ -7,7 +7,7 @@ import pytest
 from studio import lora
 from studio.config import LoraSettings
 from studio.tree import model_tree
-from studio.ui import data_tab, model_tab, runs_tab, train_tab
+from studio.ui import data_tab, live, model_tab, runs_tab, train_tab
 from studio.ui.tree_view import leaf_index, render_tree
 
 LLAMA = {"ref": "tiny-llama", "task": "causal_lm", "explore_only": False}
@@ -149,8 +149,79 @@ def test_runs_tab_refuses_ids_that_are_not_run_folders(tmp_path):
 
 
 def test_status_view_without_a_run():
-    html, bar, active = train_tab.status_view({"dir": None})
+    html, bar, active = live.status_view(None)
     assert "No run yet" in html and not active
+
+
+def _fake_run(root, name: str, rows: list[dict]):
+    from studio import runs
+
+    d = root / name
+    d.mkdir(parents=True)
+    runs.write_json_atomic(d / runs.STATUS, {"state": "completed", "step": len(rows), "max_steps": 100})
+    (d / runs.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def _lines(fig: dict) -> list[tuple[list, list]]:
+    return [(list(t["x"]), list(t["y"])) for t in fig["data"]]
+
+
+def _extend(lines, tails):
+    return [(x + tx, y + ty) for (x, y), (tx, ty) in zip(lines, tails)]
+
+
+def _ask(root, run, seen):
+    meta, plot = live.payload(root, run, seen)
+    return meta, (json.loads(plot) if plot is not None else None)
+
+
+def test_live_view_sends_new_points_that_continue_the_whole_chart(tmp_path):
+    """A tab that holds the chart gets only the points added since its token; appended to what it
+    holds they give exactly the chart a fresh tab gets. What breaks the lines (a resume that took
+    points back, a recreated metrics file, a line that appears) sends the whole chart again."""
+    row = lambda s, **kw: {"step": s, "loss": 5 - s / 100, "learning_rate": 1e-3 * s, **kw}  # noqa: E731
+    d = _fake_run(tmp_path, "20260101-000000-a", [row(s) for s in range(1, 11)])
+    meta, fig = _ask(tmp_path, None, "")
+    assert meta["run"] == d.name and fig is not None and "append" not in meta
+    held, token = _lines(fig), meta["seen"]
+    assert len(held) == 3 and held[0][0] == list(range(1, 11))  # train, smoothed, learning rate
+
+    meta, fig = _ask(tmp_path, d.name, token)  # nothing new: neither points nor chart
+    assert fig is None and "append" not in meta and meta["seen"] == token
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(row(s)) + "\n" for s in range(11, 15)))
+    meta, fig = _ask(tmp_path, d.name, token)
+    assert fig is None and [t[0] for t in meta["append"]] == [[11, 12, 13, 14]] * 3
+    held = _extend(held, meta["append"])
+    assert held == _lines(_ask(tmp_path, d.name, "")[1])  # exactly the whole chart
+
+    with open(d / "metrics.jsonl", "a") as f:  # the first eval: a new line on the chart
+        f.write(json.dumps(row(15, eval_loss=4.5)) + "\n")
+    meta, fig = _ask(tmp_path, d.name, meta["seen"])
+    assert fig is not None and len(fig["data"]) == 4 and "append" not in meta
+    token = meta["seen"]
+    with open(d / "metrics.jsonl", "a") as f:  # a crash, then a resume from step 12: 13-15 come again
+        f.write(json.dumps({"event": "resumed", "step": 12}) + "\n" + json.dumps(row(13)) + "\n")
+    meta, fig = _ask(tmp_path, d.name, token)
+    assert fig is not None and _lines(fig)[0][0] == list(range(1, 14))
+    (d / "metrics.jsonl").write_text(json.dumps(row(1)) + "\n")  # recreated: starts over
+    meta, fig = _ask(tmp_path, d.name, meta["seen"])
+    assert fig is not None and _lines(fig)[0][0] == [1]
+    for bad in ("junk", "1.0:99999", "1.0:1,2,3,4,5,6,7,8,9", "x" * 50):  # a token that does not fit: the whole chart
+        assert _ask(tmp_path, d.name, bad)[1] is not None
+
+
+def test_live_view_follows_the_active_run_and_refuses_odd_run_ids(tmp_path):
+    old = _fake_run(tmp_path, "20260101-000000-old", [{"step": 1, "loss": 3.0}])
+    assert live.payload(tmp_path, old.name, "")[0]["run"] == old.name
+    assert live.payload(tmp_path, "20250101-gone", "")[0]["run"] == old.name  # deleted meanwhile: the newest
+    for bad in ("..", "../x", "/etc", "a/b", ".hidden", "x" * 300, "a\\b"):
+        with pytest.raises(ValueError, match="not a run id"):
+            live.payload(tmp_path, bad, "")
+    meta, _ = live.payload(tmp_path / "empty", None, "")
+    assert meta == {"run": None, "active": False, "status": meta["status"], "progress": meta["progress"], "seen": ""}
+    assert "No run yet" in meta["status"]
 
 
 def test_cost_explorer_covers_ranks_and_target_sets():

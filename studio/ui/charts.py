@@ -63,6 +63,11 @@ class Series:
         self.smooth: list[tuple] = []
         self.evals: list[tuple] = []
         self.lr: list[tuple] = []
+        self.cuts = 0  # times a resume took points back: until then, the lines only grew
+
+    def lines(self) -> list[list[tuple]]:
+        """The drawn lines of a one-run chart, in loss_spec's trace order."""
+        return [p for p in (self.train, self.smooth, self.evals, self.lr) if p]
 
     @classmethod
     def of(cls, rows: list[dict]) -> "Series":
@@ -80,6 +85,7 @@ class Series:
             for points in (self.train, self.smooth, self.evals, self.lr):
                 while points and points[-1][0] > n:  # steps rise within an attempt: the dropped ones are last
                     points.pop()
+                    self.cuts += 1
             return
         if "step" not in r:
             return
