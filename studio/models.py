@@ -265,6 +265,15 @@ def load_hf_config(ref: str, trust_remote_code: bool = False):
         p = src.path if src.path.is_file() else src.path / "config.json"
         return _config_from_dict(_read_json(p), ref, trust_remote_code)
     folder = model_dir(ref, trust_remote_code)
+    if not trust_remote_code:
+        cfg_file = Path(folder) / "config.json"
+        auto_map = _read_json(cfg_file).get("auto_map") if cfg_file.is_file() else None
+        if auto_map:
+            raise ModelRefError(
+                f"{cfg_file}: this model comes with Python code of its own (auto_map: "
+                f"{', '.join(sorted(auto_map))}), which runs when it loads; turn on trust_remote_code only if "
+                "you trust that code (model.trust_remote_code: true in YAML, --trust-remote-code for studio "
+                "tree and count)")
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -316,6 +325,14 @@ def build_meta_model(ref: str, task: str | None = None, num_labels: int = 2, tru
     task = task or resolve(ref).default_task
     if task == "seq_cls":
         config.num_labels = num_labels
+    auto_key = "AutoModelForSequenceClassification" if task == "seq_cls" else "AutoModelForCausalLM"
+    if trust_remote_code and auto_key in (getattr(config, "auto_map", None) or {}):
+        # The model's own code (the user allowed it): transformers imports the class named there.
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+        with torch.device("meta"):
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
     cls = model_class(config, task)
     with torch.device("meta"):
         return cls._from_config(config)
@@ -359,9 +376,9 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 @lru_cache(maxsize=8)
-def summary(ref: str) -> dict:
+def summary(ref: str, trust_remote_code: bool = False) -> dict:
     """Architecture facts shown next to the tree, from the config alone."""
-    cfg = load_hf_config(ref)
+    cfg = load_hf_config(ref, trust_remote_code)
     src = resolve(ref)
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "vocab_size", "tie_word_embeddings")

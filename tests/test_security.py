@@ -529,6 +529,70 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "runs").exists()
 
 
+CUSTOM_CONFIG = """from transformers import PretrainedConfig
+
+
+class TinyCustomConfig(PretrainedConfig):
+    model_type = "tiny-custom"
+
+    def __init__(self, hidden_size=16, vocab_size=32, **kwargs):
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        super().__init__(**kwargs)
+"""
+CUSTOM_MODEL = """import torch
+from transformers import PreTrainedModel
+
+from .configuration_tinycustom import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(PreTrainedModel):
+    config_class = TinyCustomConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.mixer = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+"""
+
+
+def test_trust_remote_code_switch_in_the_ui_says_what_it_means_and_is_passed_on(tmp_path):
+    """A model with code of its own: refused with the box named while it is off; explained when
+    ticked; with it on, the model's own class builds the tree and the run's config carries it."""
+    from safetensors.torch import save_file
+    import torch
+
+    from studio.ui import train_tab
+
+    model = tmp_path / "custom-model"
+    model.mkdir()
+    (model / "configuration_tinycustom.py").write_text(CUSTOM_CONFIG)
+    (model / "modeling_tinycustom.py").write_text(CUSTOM_MODEL)
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "tiny-custom", "architectures": ["TinyCustomForCausalLM"], "hidden_size": 16, "vocab_size": 32,
+        "auto_map": {"AutoConfig": "configuration_tinycustom.TinyCustomConfig",
+                     "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM"}}))
+    save_file({"mixer.weight": torch.zeros(16, 16)}, str(model / "model.safetensors"))
+
+    with pytest.raises(gr.Error, match=r"Python code of its own \(auto_map: AutoConfig, AutoModelForCausalLM\).*"
+                                       r"Here: the trust_remote_code box under Load"):
+        model_tab.load(str(model))
+    assert model_tab.trust_note(False) == ""
+    note = model_tab.trust_note(True)
+    assert "imported and run on this machine, with your permissions" in note and "trainer" in note
+
+    tree_upd, types_upd, summary, state = model_tab.load(str(model), None, True)
+    assert state["trust_remote_code"] is True and "TinyCustomForCausalLM" in summary
+    assert types_upd["choices"][:3] == ["embed", "mixer", "lm_head"]
+    assert "mixer" in tree_upd["tree_html"]
+    sel = [["mixer"], "", 4, 8, 0.0, "none", False, False, "", ""]
+    cfg = train_tab.build_config(state, sel, ["assets/datasets/instructions.jsonl", "auto", 0.1, 64, True, False],
+                                 [2e-3, 5, 1, 2, 1, "cosine", 0.0, 5, 5, 0])
+    assert cfg.model.trust_remote_code is True and cfg.lora.target_modules == ["mixer"]
+    assert yaml.safe_load(cfg.to_yaml())["model"]["trust_remote_code"] is True
+
+
 def test_gradio_floor_excludes_releases_with_known_cves():
     from packaging.requirements import Requirement
     from packaging.version import Version

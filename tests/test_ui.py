@@ -10,7 +10,7 @@ from studio.tree import model_tree
 from studio.ui import data_tab, live, model_tab, runs_tab, train_tab
 from studio.ui.tree_view import leaf_index, render_tree
 
-LLAMA = {"ref": "tiny-llama", "task": "causal_lm", "explore_only": False}
+LLAMA = {"ref": "tiny-llama", "task": "causal_lm", "explore_only": False, "trust_remote_code": False}
 
 
 def defaults(keys, layers="", r=8, alpha=16, dropout=0.0, bias="none", rslora=False, dora=False, mts="", rp=""):

@@ -97,35 +97,33 @@ def _recount(state, keys, layers, r, alpha, dropout, bias, rslora, dora, mts, ra
 
 
 def _wire_model(m, d, t, model_state, model_reason):
-    def load(ref, task):
-        tree_upd, types_upd, summary, state = model_tab.load(ref, task)
+    def load(ref, task, trust):
+        tree_upd, types_upd, summary, state = model_tab.load(ref, task, trust)
         return tree_upd, types_upd, summary, state
 
-    def load_default_task(ref):
-        return load(ref, None)
+    def load_default_task(ref, trust):
+        return load(ref, None, trust)
 
     outs = [m.module_tree, m.target_types, m.summary, model_state]
     after = dict(fn=_recount, inputs=m.lora_inputs, outputs=[m.param_count, m.param_chart, model_reason], **LIGHT)
     sync_task = dict(fn=lambda s: (s["task"], gr.update(value=data_tab.default_dataset(s["task"]))),
                      inputs=[model_state], outputs=[m.task, d.dataset_select], **LIGHT)
-    m.model_load.click(load_default_task, [m.model_select], outs, api_name="load_model", **LIGHT) \
+    m.model_load.click(load_default_task, [m.model_select, m.trust_remote_code], outs, api_name="load_model",
+                       **LIGHT).then(**after).then(**sync_task)
+    m.model_select.select(load_default_task, [m.model_select, m.trust_remote_code], outs, **LIGHT) \
         .then(**after).then(**sync_task)
-    m.model_select.select(load_default_task, [m.model_select], outs, **LIGHT).then(**after).then(**sync_task)
-    m.task.input(load, [m.model_select, m.task], outs, **LIGHT).then(**after)
+    m.task.input(load, [m.model_select, m.task, m.trust_remote_code], outs, **LIGHT).then(**after)
+    # Ticking it explains it; the model loads with it on the next Load (nothing runs on a tick).
+    m.trust_remote_code.change(model_tab.trust_note, [m.trust_remote_code], [m.trust_note], **LIGHT)
 
     def types_changed(state, types, keys, previous_types):
-        from ..tree import model_tree
-
-        tree = model_tree(state["ref"], state["task"])
-        return model_tab.keys_from_types(tree, types, keys, previous_types), types
+        return model_tab.keys_from_types(model_tab.tree_of(state), types, keys, previous_types), types
 
     m.target_types.input(types_changed, [model_state, m.target_types, m.module_tree, m.types_state],
                          [m.module_tree, m.types_state], **LIGHT)
 
     def tree_changed(state, keys):
-        from ..tree import model_tree
-
-        types = model_tab.types_from_keys(model_tree(state["ref"], state["task"]), keys)
+        types = model_tab.types_from_keys(model_tab.tree_of(state), keys)
         return types, types
 
     m.sweep_btn.click(model_tab.sweep_view, [model_state], [m.sweep_plot, m.sweep_table], api_name="sweep", **LIGHT)

@@ -57,32 +57,53 @@ def default_targets(tree: ModelTree) -> list[str]:
     return qv if isinstance(qv, list) else []
 
 
-def load(ref: str, task: str | None = None):
+TRUST_NOTE = ("⚠ **trust_remote_code is on.** A model whose config names its own code (`auto_map`) gets "
+              "that code imported and run on this machine, with your permissions: here when it loads, in "
+              "the trainer, at merge and in the Playground. Turn it on only for a folder or Hub repository "
+              "whose code you trust; models that transformers supports need no remote code.")
+
+
+def trust_note(on: bool) -> str:
+    """What trust_remote_code means, shown next to the box while it is ticked."""
+    return TRUST_NOTE if on else ""
+
+
+def tree_of(state: dict) -> ModelTree:
+    """The tree of the model in `state`, as it was loaded (task and trust_remote_code included)."""
+    return model_tree(state.get("ref", DEFAULT_MODEL), state.get("task", "causal_lm"),
+                      bool(state.get("trust_remote_code")))
+
+
+def load(ref: str, task: str | None = None, trust_remote_code: bool = False):
     """Build the tree of `ref` (meta device) and the default selection.
 
     Returns (tree_html, selected keys, type choices update, selected types, summary markdown,
     model state dict).
     """
     ref = (ref or "").strip() or DEFAULT_MODEL
+    trust_remote_code = bool(trust_remote_code)
     try:
         src = models.resolve(ref)
         task = task or src.default_task
-        tree = model_tree(ref, task)
+        tree = model_tree(ref, task, trust_remote_code)
     except ConfigError as e:
-        raise gr.Error(str(e), print_exception=False) from None
+        msg = str(e)
+        if "trust_remote_code" in msg and not trust_remote_code:
+            msg += ". Here: the trust_remote_code box under Load, then Load again."
+        raise gr.Error(msg, print_exception=False) from None
     index = leaf_index(tree)
     wanted = default_targets(tree)
     keys = [k for k, paths in index.items() if any(p == w or p.endswith("." + w) for p in paths for w in wanted)]
     types = tree.targetable_types()
     chosen_types = types_from_keys(tree, keys)
-    summary = summary_markdown(ref, src, tree)
-    state = {"ref": ref, "task": task, "explore_only": src.explore_only}
+    summary = summary_markdown(ref, src, tree, trust_remote_code)
+    state = {"ref": ref, "task": task, "explore_only": src.explore_only, "trust_remote_code": trust_remote_code}
     return (gr.update(tree_html=render_tree(tree), value=keys),
             gr.update(choices=types + [ALL_LINEAR_CHOICE], value=chosen_types), summary, state)
 
 
-def summary_markdown(ref: str, src, tree: ModelTree) -> str:
-    s = models.summary(ref)
+def summary_markdown(ref: str, src, tree: ModelTree, trust_remote_code: bool = False) -> str:
+    s = models.summary(ref, trust_remote_code)
     bits = [f"**{html.escape(tree.cls)}**", f"{human(tree.total_params)} parameters ({tree.total_params:,})",
             f"task `{tree.task}`"]
     if s.get("num_hidden_layers"):
@@ -158,8 +179,8 @@ def parse_rank_pattern(text: str) -> dict[str, int]:
 def selection(state: dict, keys: list[str], layers: str, r: float, alpha: float, dropout: float, bias: str,
               rslora: bool, dora: bool, mts: str, rank_pattern: str) -> Selection:
     """Widget values -> LoRA settings; `error` says why they can't train (never raises)."""
-    ref, task = state.get("ref", DEFAULT_MODEL), state.get("task", "causal_lm")
-    tree = model_tree(ref, task)
+    ref = state.get("ref", DEFAULT_MODEL)
+    tree = tree_of(state)
     error = None
     try:
         layer_list = parse_layers(layers, "layers")
@@ -176,7 +197,7 @@ def selection(state: dict, keys: list[str], layers: str, r: float, alpha: float,
         settings = LoraSettings(r=max(1, int(r or 1)), lora_alpha=max(float(alpha or 1), 1e-6),
                                 target_modules=["(none)"])
         error = str(e)
-    return Selection(ref, task, tree, settings, error)
+    return Selection(ref, tree.task, tree, settings, error)
 
 
 def count_view(sel: Selection) -> tuple[str, object, str | None]:
@@ -212,7 +233,7 @@ def sweep_view(state: dict):
     """Trainable parameters and adapter size for r in 1..128 x (q+v, attention, MLP, all-linear)."""
     import plotly.graph_objects as go
 
-    tree = model_tree(state.get("ref", DEFAULT_MODEL), state.get("task", "causal_lm"))
+    tree = tree_of(state)
     rows = lora.sweep(tree, LoraSettings())
     fig = go.Figure()
     for name in dict.fromkeys(r["targets"] for r in rows):
@@ -242,7 +263,11 @@ def build(model_state: gr.State) -> SimpleNamespace:
                                       info="built-in, preset (explore only), a local folder or a Hub id")
         ui.task = gr.Radio(["causal_lm", "seq_cls"], value="causal_lm", label="Task", scale=2,
                            info="seq_cls adds a classification head trained in full")
-        ui.model_load = gr.Button("Load", variant="primary", elem_id="model-load", scale=1)
+        with gr.Column(scale=1, min_width=160):
+            ui.model_load = gr.Button("Load", variant="primary", elem_id="model-load")
+            ui.trust_remote_code = gr.Checkbox(False, label="trust_remote_code", elem_id="trust-remote-code",
+                                               info="run Python code that comes with the model")
+    ui.trust_note = gr.Markdown(elem_id="trust-note")
     ui.summary = gr.Markdown(elem_id="model-summary")
     with gr.Row():
         with gr.Column(scale=3):

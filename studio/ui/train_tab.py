@@ -41,7 +41,8 @@ def build_config(model_state: dict, lora_values: list, data_values: list, train_
     path, fmt, eval_fraction, max_length, packing, train_on_prompt = data_values
     (lr, max_steps, epochs, batch, accum, scheduler, warmup, eval_steps, save_steps, seed) = train_values
     cfg = RunConfig(
-        model=ModelConfig(name_or_path=sel.ref, task=sel.task),
+        model=ModelConfig(name_or_path=sel.ref, task=sel.task,
+                          trust_remote_code=bool(model_state.get("trust_remote_code"))),
         data=DataConfig(path=path or "", format=fmt or "auto", eval_fraction=float(eval_fraction),
                         max_length=int(max_length), packing=bool(packing), train_on_prompt=bool(train_on_prompt)),
         lora=sel.settings,
