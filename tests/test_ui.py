@@ -216,9 +216,12 @@ def test_live_view_follows_the_active_run_and_refuses_odd_run_ids(tmp_path):
     old = _fake_run(tmp_path, "20260101-000000-old", [{"step": 1, "loss": 3.0}])
     assert live.payload(tmp_path, old.name, "")[0]["run"] == old.name
     assert live.payload(tmp_path, "20250101-gone", "")[0]["run"] == old.name  # deleted meanwhile: the newest
-    for bad in ("..", "../x", "/etc", "a/b", ".hidden", "x" * 300, "a\\b"):
+    for bad in ("..", "../x", "/etc", "a/b", "x" * 300, "a\\b", "a\0b"):
         with pytest.raises(ValueError, match="not a run id"):
             live.payload(tmp_path, bad, "")
+    hand_made = _fake_run(tmp_path, "my run (copy)", [{"step": 1, "loss": 2.0}])  # any folder name is a run id
+    assert live.payload(tmp_path, hand_made.name, "")[0]["run"] == hand_made.name
+    assert live.phase({"run": hand_made.name, "active": 1}) == {"run": hand_made.name, "active": True}
     meta, _ = live.payload(tmp_path / "empty", None, "")
     assert meta == {"run": None, "active": False, "status": meta["status"], "progress": meta["progress"], "seen": ""}
     assert "No run yet" in meta["status"]
@@ -240,3 +243,40 @@ def test_loss_chart_drops_points_a_crash_lost_and_logged_again():
     assert [r["loss"] for r in clean_rows(rows)] == [5.0, 4.0, 3.8, 3.5]
     fig = loss_figure({"run": rows})
     assert list(fig.data[0].x) == [1, 2, 3, 4]
+
+
+def test_polls_share_a_budget_whatever_the_number_of_tabs(monkeypatch):
+    """All tabs together ask at most POLLS_PER_S times a second: one tab every second (5 s with no
+    active run), 20 tabs every 2 s, 100 every 10 s; a closed tab stops counting."""
+    clock = [1000.0]
+    monkeypatch.setattr(live.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(live, "_tabs_until", {})
+    assert live.next_poll_ms("tab-0", True) == live.TICK_ACTIVE_MS == 1000
+    assert live.next_poll_ms("tab-0", False) == live.TICK_IDLE_MS
+    assert [live.next_poll_ms(f"tab-{i}", True) for i in range(1, 20)][-1] == 2000  # 20 tabs, 10 a second
+    assert live.next_poll_ms("tab-0", True) == 2000  # asking again does not count twice
+    for i in range(20, 100):
+        ms = live.next_poll_ms(f"tab-{i}", True)
+    assert ms == 10_000 and len(live._tabs_until) == 100
+    clock[0] += 2 * 10 + 1.5  # nobody asked for longer than twice the interval and a second
+    assert live.next_poll_ms("tab-0", True) == 1000 and list(live._tabs_until) == ["tab-0"]
+    assert live.next_poll_ms(None, True) == 1000  # a poll without an id is answered, not counted
+
+
+def test_live_route_answers_and_refuses_bad_parameters(tmp_path, monkeypatch):
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    monkeypatch.setattr(live, "_tabs_until", {})
+    _fake_run(tmp_path, "20260101-000000-a", [{"step": 1, "loss": 3.0}])
+    client = TestClient(Starlette(routes=live.routes(tmp_path)))
+    r = client.get(live.LIVE_PATH, params={"tab": "t1", "seen": ""})
+    d = r.json()
+    assert r.status_code == 200 and d["run"] == "20260101-000000-a" and d["next_ms"] == live.TICK_IDLE_MS
+    assert d["plot"]["data"][0]["x"] == [1] and r.headers["cache-control"] == "no-store"
+    for params, message in (({"tab": "x" * 65}, "not a tab id"), ({"tab": "a b"}, "not a tab id"),
+                            ({"run": "../etc"}, "not a run id"), ({"seen": "1" * 201}, "longer than 200")):
+        r = client.get(live.LIVE_PATH, params=params)
+        assert r.status_code == 400 and message in r.json()["error"], (params, r.text)
+    r = client.get(live.PLOTLY_PATH)
+    assert r.status_code == 200 and len(r.content) > 1_000_000 and "max-age" in r.headers["cache-control"]

@@ -1,7 +1,7 @@
 """The Train tab's live view: run status, progress bar and loss chart, polled by the page itself.
 
 Every open tab asks once a second while a run trains (every 5 s otherwise, or while the page is
-hidden) for what changed, on a route of its own: GET /studio/live?run=ID&seen=TOKEN answers the
+hidden; less often when more than POLLS_PER_S tabs are open) for what changed, on a route of its own: GET /studio/live?run=ID&seen=TOKEN answers the
 status and progress HTML and the points added to the chart since the tab's last answer (TOKEN,
 which each answer carries), or the whole chart when the tab has none or its lines do not
 continue. A gradio event for the same tick costs 3-4 ms of server CPU and wakes a worker thread
@@ -25,6 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -34,13 +35,20 @@ from .charts import Series, loss_plot
 
 LIVE_PATH, PLOTLY_PATH = "/studio/live", "/studio/plotly.min.js"
 TICK_ACTIVE_MS, TICK_IDLE_MS = 1000, 5000
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# Polls a second the server answers, all open tabs together: with more tabs than this, each asks
+# less often (20 tabs: every 2 s). Whatever runs beside a trainer that uses every core costs it 2-3
+# times its CPU share (its OpenMP threads wait for the one put off its core), so the UI's cost is
+# bounded by this, not by how many tabs are open.
+POLLS_PER_S = 10.0
+TAB_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+MAX_POLL_MS = 10_000  # however many tabs claim to be open
 
 JS = r"""
 const root = ((window.gradio_config && window.gradio_config.root) || '').replace(/\/$/, '');
 const q = (sel) => element.querySelector(sel);
 const MAX_HELD = 3000;  // points a line may grow to by appends before the tab asks for the thinned chart
-let shown = null, seen = '', timer = null, inFlight = false, failures = 0;
+const tab = Math.random().toString(36).slice(2, 12) + Date.now().toString(36);
+let shown = null, seen = '', timer = null, inFlight = false, again = false, failures = 0;
 function ensurePlotly() {
   if (window.Plotly) return Promise.resolve(window.Plotly);
   if (!window.__studioPlotly) {
@@ -79,32 +87,39 @@ async function apply(d) {
   if ((v.run || null) !== d.run || !!v.active !== d.active) props.value = {run: d.run, active: d.active};
 }
 async function tick() {
-  if (inFlight) return;
+  if (inFlight) { again = true; return; }  // asked for while a poll is out: poll again right after it
+  clearTimeout(timer);
   inFlight = true;
+  again = false;
   let wait = __IDLE__;
   try {
     const v = props.value || {};
+    const asked = v.run || null;
     const want = v.run || shown;
-    const params = new URLSearchParams({seen: want && want === shown ? seen : ''});
+    const params = new URLSearchParams({seen: want && want === shown ? seen : '', tab});
     if (want) params.set('run', want);
     const r = await fetch(root + '__LIVE__?' + params, {cache: 'no-store', credentials: 'same-origin'});
+    if (!(r.headers.get('content-type') || '').includes('json')) throw new Error('HTTP ' + r.status);
     const d = await r.json();
     if (!r.ok) throw new Error(d.error || r.statusText);
+    // Python set another run while this poll was out (Start): that one is shown by the next poll.
+    if (((props.value || {}).run || null) !== asked) { again = true; return; }
     await apply(d);
     failures = 0;
-    wait = d.active ? __ACTIVE__ : __IDLE__;
+    // the server spreads its poll budget over the open tabs
+    wait = Math.min(__MAXPOLL__, Math.max(d.next_ms || 0, d.active ? __ACTIVE__ : __IDLE__));
   } catch (e) {
     failures += 1;
     if (failures >= 3) q('.lv-note').textContent = 'The studio server is not answering (' + e.message + '); retrying.';
   } finally {
     if (failures === 0) q('.lv-note').textContent = '';
     inFlight = false;
-    schedule(wait);
+    schedule(again ? 0 : wait);
   }
 }
 // Python sets the value after Start and a page load: show that run at once.
-watch('value', () => { const v = props.value || {}; if ((v.run || null) !== shown) schedule(0); });
-document.addEventListener('visibilitychange', () => { if (!document.hidden) schedule(0); });
+watch('value', () => { const v = props.value || {}; if ((v.run || null) !== shown) tick(); });
+document.addEventListener('visibilitychange', () => { if (!document.hidden) tick(); });
 tick();
 """
 
@@ -123,7 +138,8 @@ class LiveRun(gr.HTML):
 
     def __init__(self, value=None, **kwargs):
         js = (JS.replace("__PLOTLY__", PLOTLY_PATH).replace("__LIVE__", LIVE_PATH)
-              .replace("__ACTIVE__", str(TICK_ACTIVE_MS)).replace("__IDLE__", str(TICK_IDLE_MS)))
+              .replace("__ACTIVE__", str(TICK_ACTIVE_MS)).replace("__IDLE__", str(TICK_IDLE_MS))
+              .replace("__MAXPOLL__", str(MAX_POLL_MS)))
         super().__init__(value=value or {"run": None, "active": False}, html_template=TEMPLATE,
                          css_template=CSS, js_on_load=js, **kwargs)
 
@@ -142,6 +158,12 @@ class LiveRun(gr.HTML):
 ACTIVE_TTL_S = 1.0
 _active_lock = threading.Lock()
 _active_seen: dict[str, tuple[float, Path | None]] = {}
+
+
+def active_is_cached(runs_dir: Path) -> bool:
+    with _active_lock:
+        hit = _active_seen.get(str(runs_dir))
+    return hit is not None and time.monotonic() - hit[0] < ACTIVE_TTL_S
 
 
 def active_run(runs_dir: Path) -> Path | None:
@@ -292,18 +314,46 @@ def _dur(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+_tabs_lock = threading.Lock()
+_tabs_until: dict[str, float] = {}  # tab id -> when it counts as closed if it has not asked again
+MAX_TABS = 10_000
+
+
+def next_poll_ms(tab: str | None, active: bool) -> int:
+    """When this tab should ask again: TICK_ACTIVE_MS while a run is active (TICK_IDLE_MS when not),
+    later when more tabs are open than POLLS_PER_S allows. A tab counts as open until twice its
+    interval and a second have passed without a poll from it."""
+    now = time.monotonic()
+    base = TICK_ACTIVE_MS if active else TICK_IDLE_MS
+    with _tabs_lock:
+        for t in [t for t, until in _tabs_until.items() if until < now]:
+            del _tabs_until[t]
+        open_tabs = len(_tabs_until) + (tab is not None and tab not in _tabs_until)
+        ms = min(MAX_POLL_MS, max(base, round(1000 * open_tabs / POLLS_PER_S)))
+        if tab is not None and (tab in _tabs_until or len(_tabs_until) < MAX_TABS):
+            _tabs_until[tab] = now + 2 * ms / 1000 + 1
+    return ms
+
+
+def valid_run_id(name) -> bool:
+    """A plain folder name: no separators, not . or .., at most 255 characters. Anything in the
+    runs folder can be a run (made by hand too), so nothing stricter is asked."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
+            and not any(c in name for c in "/\\\0"))
+
+
 def phase(value) -> dict:
     v = value if isinstance(value, dict) else {}
     run = v.get("run")
-    return {"run": run if isinstance(run, str) and RUN_ID.fullmatch(run) else None, "active": bool(v.get("active"))}
+    return {"run": run if valid_run_id(run) else None, "active": bool(v.get("active"))}
 
 
 def run_path(root: Path, run_id: str | None) -> Path | None:
     """The run folder of an id the page sent: a plain name of a folder directly in the runs folder."""
     if not run_id:
         return None
-    if not RUN_ID.fullmatch(run_id) or run_id in (".", ".."):
-        raise ValueError(f"not a run id: {run_id!r} (letters, digits, '.', '_' and '-' only)")
+    if not valid_run_id(run_id):
+        raise ValueError(f"not a run id: {run_id[:80]!r} (a folder name in the runs folder)")
     d = root / run_id
     return d if (d / runs.CONFIG).is_file() or (d / runs.STATUS).is_file() else None
 
@@ -356,13 +406,24 @@ def routes(root: Path) -> list[Route]:
     async def live(request: Request) -> Response:
         run_id = request.query_params.get("run") or None
         seen = request.query_params.get("seen", "")
+        tab = request.query_params.get("tab") or None
         if len(seen) > 200:
             return JSONResponse({"error": "seen is longer than 200 characters"}, status_code=400)
+        if tab is not None and not TAB_ID.fullmatch(tab):
+            return JSONResponse({"error": f"not a tab id: {tab[:80]!r} (1-64 letters, digits and '-')"},
+                                status_code=400)
         try:
-            meta, plot = payload(root, run_id, seen)
+            if run_id is None or not seen or not active_is_cached(root):
+                # What may read many files (every run's status, a whole metrics file) runs on a
+                # worker thread; the usual poll reads three small files and stays on the loop.
+                meta, plot = await run_in_threadpool(payload, root, run_id, seen)
+            else:
+                meta, plot = payload(root, run_id, seen)
+            meta["next_ms"] = next_poll_ms(tab, meta["active"])
+            data = body(meta, plot)
         except ValueError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        return Response(body(meta, plot), media_type="application/json", headers={"Cache-Control": "no-store"})
+        return Response(data, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def plotly_script(request: Request) -> Response:
         return FileResponse(plotly_js, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
