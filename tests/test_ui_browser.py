@@ -180,6 +180,8 @@ def test_playground_and_analysis_on_the_trained_run(server, page):
     page.goto(url)
     page.wait_for_selector("#module-tree input[data-leaf]")
     page.get_by_role("tab", name="Playground").click()
+    # the run list is filled when the tab opens: generate only once it names the run
+    _wait(lambda: page.locator("#playground-run input").input_value(), timeout=60)
     page.locator("#playground-prompt textarea").fill("What is the capital of Iceland?")
     page.locator("#playground-generate").click()
     _wait(lambda: page.locator("#playground-tuned textarea").input_value()
@@ -187,6 +189,8 @@ def test_playground_and_analysis_on_the_trained_run(server, page):
     _shot(page, "playground")
 
     page.get_by_role("tab", name="Analysis").click()
+    _wait(lambda: page.locator("#analysis-run-a input").input_value()
+          and page.locator("#analysis-run-b input").input_value(), timeout=60)
     page.locator("#analysis-spectrum").click()
     _wait(lambda: page.locator("#analysis-spectrum-plot .js-plotly-plot").count(), timeout=120)
     n = page.locator("#analysis-spectrum-plot .js-plotly-plot").evaluate("d => d.data.length")
