@@ -205,9 +205,14 @@ def test_live_view_sends_new_points_that_continue_the_whole_chart(tmp_path):
         f.write(json.dumps({"event": "resumed", "step": 12}) + "\n" + json.dumps(row(13)) + "\n")
     meta, fig = _ask(tmp_path, d.name, token)
     assert fig is not None and _lines(fig)[0][0] == list(range(1, 14))
-    (d / "metrics.jsonl").write_text(json.dumps(row(1)) + "\n")  # recreated: starts over
+    (d / "metrics.jsonl").write_text(json.dumps(row(1)) + "\n")  # cut short in place: starts over
     meta, fig = _ask(tmp_path, d.name, meta["seen"])
     assert fig is not None and _lines(fig)[0][0] == [1]
+    new = d / "metrics.new"  # replaced by another file, longer than what was read: starts over too
+    new.write_text("".join(json.dumps(row(s, loss=1.0)) + "\n" for s in range(1, 40)))
+    new.replace(d / "metrics.jsonl")
+    meta, fig = _ask(tmp_path, d.name, meta["seen"])
+    assert fig is not None and _lines(fig)[0] == (list(range(1, 40)), [1.0] * 39)
     for bad in ("junk", "1.0:99999", "1.0:1,2,3,4,5,6,7,8,9", "x" * 50):  # a token that does not fit: the whole chart
         assert _ask(tmp_path, d.name, bad)[1] is not None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import threading
 import time
@@ -72,6 +73,7 @@ async function apply(d) {
   q('.lv-progress').innerHTML = d.progress;
   const div = q('.lv-plot');
   let whole = true;
+  if (!d.run && div.data) (await ensurePlotly()).purge(div);  // the run shown was deleted, none is left
   if (d.plot) {
     const Plotly = await ensurePlotly();
     await Plotly.react(div, d.plot.data, d.plot.layout, {responsive: true, displaylogo: false});
@@ -199,6 +201,7 @@ class Curve:
         self.dir = Path(run_dir)
         self.lock = threading.Lock()
         self.resets = 0
+        self.file_id = 0  # the metrics file's inode: a recreated file is another file
         self._reset()
 
     def _reset(self) -> None:
@@ -211,8 +214,15 @@ class Curve:
     def update(self) -> int:
         """Read what is new; the version, which changes whenever the curve does."""
         with self.lock:
+            try:
+                file_id = os.stat(self.dir / runs.METRICS).st_ino
+            except OSError:
+                file_id = 0
+            if file_id != self.file_id:  # created, recreated or deleted: start over
+                self.file_id = file_id
+                self._reset()
             rows, offset = runs.read_metrics(self.dir, self.offset)
-            if offset < self.offset:  # the file was recreated: start over
+            if offset < self.offset:  # cut shorter in place: start over
                 self._reset()
                 rows, offset = runs.read_metrics(self.dir, 0)
             self.offset = offset
@@ -235,14 +245,18 @@ class Curve:
     def token(self) -> str:
         """What a tab holds after this answer: the lines' lengths, and what would break them."""
         with self.lock:
-            return f"{self.resets}.{self.series.cuts}:" + ",".join(str(len(p)) for p in self.series.lines())
+            return f"{self._epoch()}:" + ",".join(str(len(p)) for p in self.series.lines())
+
+    def _epoch(self) -> str:
+        """What a tab's lines continue from: this file, and no reset or resume since."""
+        return f"{self.file_id}.{self.resets}.{self.series.cuts}"
 
     def since(self, token: str) -> list[list[list]] | None:
         """[[xs, ys] per drawn line] added after `token`; None when the tab needs the whole chart."""
         epoch, _, lens = (token or "").partition(":")
         with self.lock:
             lines = self.series.lines()
-            if epoch != f"{self.resets}.{self.series.cuts}" or not TOKEN_LENS.fullmatch(lens):
+            if epoch != self._epoch() or not TOKEN_LENS.fullmatch(lens):
                 return None
             held = [int(n) for n in lens.split(",")] if lens else []
             if len(held) != len(lines) or any(n > len(p) for n, p in zip(held, lines)):
