@@ -22,8 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import re
 import resource
 import subprocess
 import sys
@@ -31,8 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import DOCS, machine, write_section  # bench/report.py
+
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
              num_key_value_heads=4, tie_word_embeddings=False)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -162,31 +161,6 @@ def compare(a: Path, b: Path) -> dict:
 
 # --- report -------------------------------------------------------------------------------
 
-def machine(torch_version: str) -> str:
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"nproc {len(os.sched_getaffinity(0))}, {cpu}, {ram:.1f} GiB RAM, "
-            f"Python {platform.python_version()}, torch {torch_version}")
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Merge\b.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOCS.with_name(f".{DOCS.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, DOCS)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=22, help="decoder layers (22, TinyLlama's: 2.2 GB in bfloat16)")
@@ -252,7 +226,7 @@ def main() -> None:
         "",
     ])
     if not args.no_docs:
-        write_docs(section)
+        write_section("Merge", section)
         print(f"wrote the Merge section of {DOCS}")
 
 

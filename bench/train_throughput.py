@@ -32,9 +32,7 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -48,7 +46,8 @@ import torch
 from studio import runs
 from studio.config import RunConfig, load_config
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+from report import machine, write_section  # bench/report.py
+
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon", "candle", "orbit", "maple"]
 
 
@@ -241,18 +240,6 @@ def base_matmul_params(model_ref: str = "tiny-llama") -> int:
     return sum(p.numel() for p in m.parameters()) - m.get_input_embeddings().weight.numel()
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -332,20 +319,7 @@ def run_all(a: argparse.Namespace, env: dict, threads: int, work: Path) -> None:
     section = markdown(res)
     print(section)
     if not a.no_docs:
-        write_docs(section)
-
-
-def write_docs(section: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md; other sections are left alone."""
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Training throughput\b.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = DOCS.with_name(f".{DOCS.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, DOCS)
+        write_section("Training throughput", section)
 
 
 def markdown(r: dict) -> str:

@@ -32,8 +32,6 @@ import datetime
 import http.client
 import json
 import os
-import platform
-import re
 import shutil
 import socket
 import statistics
@@ -55,7 +53,8 @@ from studio import runs  # noqa: E402
 from studio.config import RunConfig  # noqa: E402
 from studio.ui import live  # noqa: E402
 
-DOCS = ROOT / "docs" / "benchmarks.md"
+from report import machine, write_section  # noqa: E402 - bench/report.py
+
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon", "candle", "orbit", "maple"]
 TARGET_SLOWDOWN, TARGET_P95_MS = 0.05, 200.0
 
@@ -351,17 +350,6 @@ def measure(a) -> dict:
     }
 
 
-def machine() -> str:
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    import torch
-
-    return (f"{cpu}, {os.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
-
-
 # --- the report ----------------------------------------------------------------------------------
 
 def _pairs(r: dict) -> str:
@@ -464,19 +452,6 @@ Re-run: `python bench/ui_load.py` (rewrites this section only).
 """
 
 
-def write_docs(section: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md; other sections are left alone."""
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(r"^## UI under load\b.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = DOCS.with_name(f".{DOCS.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, DOCS)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=20, help="browser-like clients polling in a load phase (1-100)")
@@ -502,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     if not a.no_docs:
-        write_docs(section)
+        write_section("UI under load", section)
     return 0
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -165,16 +164,10 @@ def assert_valid_checkpoint(folder: Path, step: int) -> None:
     assert (folder / "optimizer.pt").is_file() and (folder / "scheduler.pt").is_file()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- a live run, a UI started while it trains, then SIGKILL ------------------------------------
 
 @pytest.fixture(scope="module")
-def live(dataset, tmp_path_factory):
+def live(dataset, tmp_path_factory, free_port):
     """A training run and a UI server built after it started (a restart of the UI, in effect)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("OMP_NUM_THREADS", "1")

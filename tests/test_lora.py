@@ -48,7 +48,7 @@ def assert_same_as_peft(model_factory, settings: LoraSettings, task: str, name: 
     tree = build_tree(model_factory(), name, task, model_factory)
     try:
         trainable, total = peft_counts(model_factory(), settings, task)
-    except (ValueError, TypeError) as e:  # PEFT refuses: the studio must refuse too, not show a number
+    except (ValueError, TypeError):  # PEFT refuses: the studio must refuse too, not show a number
         with pytest.raises(lora.TargetError):
             lora.check(tree, settings)
         return None

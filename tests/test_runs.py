@@ -205,7 +205,7 @@ def test_status_json_is_strict_json(tmp_path):
 
 def test_list_runs_newest_first_with_config_facts(tmp_path):
     old = runs.create_run(cfg(), tmp_path, run_id="old")
-    new = runs.create_run(cfg(max_steps=20), tmp_path, run_id="new")
+    runs.create_run(cfg(max_steps=20), tmp_path, run_id="new")
     set_status(old, created_at=time.time() - 60, state="completed", step=10, last_loss=1.5, eval_loss=1.7,
                elapsed_s=12.0, trainable_params=20480)
     (tmp_path / "stray").mkdir()  # not a run: ignored

@@ -38,14 +38,8 @@ SECRET = "TOP-SECRET-7d1f"
 PASSWD_LINE = Path("/etc/passwd").read_text().splitlines()[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, free_port):
     tmp = tmp_path_factory.mktemp("secure")
     root, cache = tmp / "runs", tmp / "gradio-cache"
     root.mkdir()

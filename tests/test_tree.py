@@ -32,7 +32,6 @@ def test_parameter_totals_add_up_and_tied_weights_count_once():
 
 
 def test_blocks_that_differ_stay_separate():
-    import torch
     from torch import nn
 
     from studio.tree import build_tree
