@@ -595,3 +595,10 @@ def test_gradio_floor_excludes_releases_with_known_cves():
     spec = next(Requirement(d) for d in deps if Requirement(d).name == "gradio").specifier
     assert not spec.contains("6.15.2") and not spec.contains("5.49.0") and spec.contains("6.16.0")
     assert spec.contains(gr.__version__) and Version(gr.__version__) >= Version("6.16")
+
+
+def test_launch_calms_gradios_idle_queue_loop(server):
+    """launch() slows the queue's idle polling (1 ms -> 20 ms); if gradio renames the knobs, this says so."""
+    q = server["demo"]._queue
+    assert (q.sleep_when_free, q.progress_update_sleep_when_free) == (ui_app.QUEUE_IDLE_POLL_S,
+                                                                     ui_app.QUEUE_PROGRESS_POLL_S)
