@@ -85,10 +85,12 @@ async function apply(d) {
   }
   const held = div.data ? Math.max(0, ...div.data.map(t => t.x.length)) : 0;
   seen = whole && held <= MAX_HELD ? d.seen : '';
+  if (!whole) again = true;  // ask for the whole chart now
   const v = props.value || {};
   if ((v.run || null) !== d.run || !!v.active !== d.active) props.value = {run: d.run, active: d.active};
 }
 async function tick() {
+  if (!element.isConnected) { clearTimeout(timer); return; }  // this view was taken off the page: stop
   if (inFlight) { again = true; return; }  // asked for while a poll is out: poll again right after it
   clearTimeout(timer);
   inFlight = true;
