@@ -107,24 +107,22 @@ def start_server(port: int, runs_dir: Path, log: Path, env: dict) -> subprocess.
     raise RuntimeError("the UI server did not start within 180 s")
 
 
-def fn_indices(port: int) -> dict[str, tuple[int, bool]]:
-    """api name -> (fn index, whether the page sends it through the queue), from the page's config."""
+def page_load_fn(port: int) -> int:
+    """The fn index of the page's load event, from the page's config (it goes through the queue)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/config")
     cfg = json.loads(conn.getresponse().read())
     conn.close()
-    queued_default = cfg.get("enable_queue", True)
-    return {d["api_name"]: (d["id"], queued_default if d.get("queue") is None else bool(d["queue"]))
-            for d in cfg["dependencies"] if d.get("api_name") == "page_load"}
+    return next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == "page_load")
 
 
 class Tab(threading.Thread):
     """One browser tab on the Train tab: the page's load event once, then the live view's poll
     once a second while the run is active (every 5 s when it is not)."""
 
-    def __init__(self, port: int, fns: dict, stop: threading.Event, start_at: float):
+    def __init__(self, port: int, load_fn: int, stop: threading.Event, start_at: float):
         super().__init__(daemon=True)
-        self.port, self.fns, self.stop, self.start_at = port, fns, stop, start_at
+        self.port, self.load_fn, self.stop, self.start_at = port, load_fn, stop, start_at
         self.interval = live.TICK_ACTIVE_MS / 1000  # until the first answer says when to ask next
         self.session = uuid.uuid4().hex[:11]
         self.latencies: list[tuple[float, float]] = []  # (monotonic start, seconds)
@@ -134,24 +132,13 @@ class Tab(threading.Thread):
         self.errors: list[str] = []
         self.loaded = threading.Event()
 
-    def event(self, name: str, n_inputs: int) -> float:
-        """One gradio event as the page sends it: a POST to /run/NAME for an event that skips the
-        queue, else a queue join and the SSE stream of the session until the result."""
-        fn, queued = self.fns[name]
+    def load_page(self) -> float:
+        """The page's load event as the page sends it: a queue join, then the session's event
+        stream until the result."""
         t0 = time.perf_counter()
         join = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        body = json.dumps({"data": [None] * n_inputs, "fn_index": fn, "session_hash": self.session,
+        body = json.dumps({"data": [None], "fn_index": self.load_fn, "session_hash": self.session,
                            "event_data": None, "trigger_id": None})
-        if not queued:
-            try:
-                join.request("POST", f"/gradio_api/run/{name}", body=body, headers={"Content-Type": "application/json"})
-                r = join.getresponse()
-                out = r.read()
-            finally:
-                join.close()
-            if r.status != 200:
-                raise RuntimeError(f"run/{name} answered {r.status}: {out[:300]!r}")
-            return time.perf_counter() - t0
         join.request("POST", "/gradio_api/queue/join", body=body, headers={"Content-Type": "application/json"})
         r = join.getresponse()
         r.read()
@@ -209,7 +196,7 @@ class Tab(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.event("page_load", 1)  # a new tab: the model tab's tree and the run to follow
+            self.load_page()  # a new tab: the model tab's tree and the run to follow
         except Exception as e:  # noqa: BLE001 - a benchmark records failures, it does not stop on them
             self.errors.append(f"page_load: {e}")
         self.loaded.set()
@@ -275,7 +262,7 @@ def measure(a) -> dict:
             if time.monotonic() > deadline or runs.read_status(run_dir)["state"] in runs.FINAL_STATES:
                 raise RuntimeError(f"training did not reach step {a.warmup_steps}: {runs.log_tail(run_dir)}")
             time.sleep(0.2)
-        fns = fn_indices(port)
+        load_fn = page_load_fn(port)
         server_proc, me = psutil.Process(server.pid), psutil.Process()
         trainer = psutil.Process(runs.read_status(run_dir)["pid"])
         _, offset = runs.read_metrics(run_dir)
@@ -284,7 +271,7 @@ def measure(a) -> dict:
             stop, tabs = threading.Event(), []
             if kind == "load":
                 start_at = time.monotonic() + 0.5
-                tabs = [Tab(port, fns, stop, start_at + i / a.clients) for i in range(a.clients)]
+                tabs = [Tab(port, load_fn, stop, start_at + i / a.clients) for i in range(a.clients)]
                 for t in tabs:  # ticks spread over the second, as independent tabs would be
                     t.start()
                 for t in tabs:
