@@ -374,19 +374,26 @@ def run_path(root: Path, run_id: str | None) -> Path | None:
     return d if (d / runs.CONFIG).is_file() or (d / runs.STATUS).is_file() else None
 
 
+def shown_run(root: Path, asked: Path | None = None) -> Path | None:
+    """The run a live view shows: the active one, else `asked`, else the newest."""
+    active = active_run(root)
+    if active is not None:
+        return active
+    if asked is not None:
+        return asked
+    listed = runs.list_runs(root)
+    return Path(listed[0]["dir"]) if listed else None
+
+
 def payload(root: Path, run_id: str | None, seen: str) -> tuple[dict, str | None]:
     """(what changed for a tab that shows `run_id` and holds the chart `seen`, the whole chart's
     JSON when it needs it, else None: then meta["append"] holds the new points per line).
 
     A run active in the runs folder wins over the one the tab shows (the tab follows a run started
     elsewhere); with none named or found (deleted meanwhile), the newest run."""
-    d = run_path(root, run_id)
-    active = active_run(root)
-    if active is not None and active != d:
-        d, seen = active, ""
-    if d is None:
-        listed = runs.list_runs(root)
-        d = Path(listed[0]["dir"]) if listed else None
+    asked = run_path(root, run_id)
+    d = shown_run(root, asked)
+    if d != asked:
         seen = ""
     if d is None:
         status, bar, _ = status_view(None)

@@ -91,10 +91,7 @@ def os_error_message(e: OSError, what: str) -> str:
 
 def attach(runs_dir: Path) -> dict:
     """The live view's value after a page load: the active run, else the newest one."""
-    d = runs.active_run(runs_dir)
-    if d is None:
-        listed = runs.list_runs(runs_dir)
-        d = Path(listed[0]["dir"]) if listed else None
+    d = live.shown_run(runs_dir)
     if d is None:
         return {"run": None, "active": False}
     return {"run": d.name, "active": live.status_view(d)[2]}
