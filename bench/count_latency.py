@@ -17,11 +17,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from peft import get_peft_model  # noqa: E402
+from peft import get_peft_model
 
-from studio import lora, models  # noqa: E402
-from studio.config import LoraSettings  # noqa: E402
-from studio.tree import build_tree  # noqa: E402
+from studio import lora, models
+from studio.config import LoraSettings
+from studio.models.tree import build_tree
 
 SETTINGS = [
     dict(r=8, target_modules=["q_proj", "v_proj"]),

@@ -41,7 +41,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    from studio.generate import Playground
+    from studio.playground import Playground
 
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")

@@ -98,15 +98,15 @@ def child(kind: str, *args: str) -> None:
         print(json.dumps(compare(Path(args[0]), Path(args[1]))))
         return
     base, adapter, out = args
-    import psutil
-    import torch  # noqa: F401  imported before the baseline so both sides pay for it
     import peft  # noqa: F401
+    import psutil
+    import torch
     import transformers  # noqa: F401
 
     baseline = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     if kind == "studio":
-        from studio.merge import merge
+        from studio.export.merge import merge
 
         merge(base, adapter, out, dtype="bfloat16")
     else:

@@ -4,7 +4,7 @@
 
 One model (tiny-llama), one dataset, one set of hyperparameters throughout:
 
-1. Overhead: `python -m studio.train RUN_DIR` (status, metrics stream, token counting, stop
+1. Overhead: `python -m studio.runs.trainer RUN_DIR` (status, metrics stream, token counting, stop
    and divergence checks) against a plain reference script, Trainer + PEFT written the usual
    way, on the same prepared data, the same seed and so the same batches. Both are separate
    processes; both report Trainer's own `train_runtime` (the training loop, one checkpoint save
@@ -42,11 +42,10 @@ import time
 from pathlib import Path
 
 import torch
+from report import machine, write_section  # bench/report.py
 
 from studio import runs
 from studio.config import RunConfig, load_config
-
-from report import machine, write_section  # bench/report.py
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon", "candle", "orbit", "maple"]
 
@@ -54,7 +53,7 @@ WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon",
 def write_dataset(path: Path, n: int, mixed: bool, seed: int = 0) -> Path:
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         w = rng.choice(WORDS)
         if mixed:  # log-uniform answer lengths: many short examples, a few long ones
             k = int(round(2 ** rng.uniform(0, 5.9)))
@@ -100,7 +99,7 @@ def plain_trainer(cfg: RunConfig, out_dir: Path, tok, data):
 
 
 def reference(run_dir: Path) -> None:
-    """Child process: the same run as studio.train, without the studio's callback or subclass."""
+    """Child process: the same run as studio.runs.trainer, without the studio's callback or subclass."""
     from transformers import set_seed
 
     from studio.data import build_datasets
@@ -146,7 +145,7 @@ def run_reference(cfg: RunConfig, root: Path, env: dict) -> dict:
 
 def packing_run(cfg: RunConfig, root: Path, sampling: str | None) -> dict:
     """In-process studio trainer; `sampling` overrides the train sampler for the padded variants."""
-    from studio import train
+    from studio.runs import trainer as train
 
     run_dir = runs.create_run(cfg, root)
     report = train.Reporter(run_dir, enabled=True)
@@ -167,9 +166,9 @@ def cpu_compare(cfg: RunConfig, root: Path, repeats: int) -> dict:
     CPU time counts the work a process does, not the time it waits for a core, so other load
     on a shared machine disturbs it far less than wall time.
     """
-    from studio import train
     from studio.data import build_datasets
     from studio.models import load_tokenizer
+    from studio.runs import trainer as train
 
     tok = load_tokenizer(cfg.model.name_or_path)
     data = build_datasets(cfg, tok)
@@ -200,9 +199,9 @@ def bookkeeping_us(trainer, cb, batch: dict, seconds: float = 2.0) -> float:
     most once a second (on_step_end), one metrics.jsonl line (on_log). Runs for `seconds`, so
     the once-a-second status write weighs in at the rate it has in training.
     """
-    from studio import train
-
     from transformers import TrainerControl
+
+    from studio.runs import trainer as train
 
     args, state = trainer.args, trainer.state
     control = TrainerControl()  # the finished run's control says "stop", which forces a status write
@@ -323,7 +322,7 @@ def run_all(a: argparse.Namespace, env: dict, threads: int, work: Path) -> None:
 
 
 def markdown(r: dict) -> str:
-    fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
     book = r["cpu"]["bookkeeping_us"]
     return f"""## Training throughput
 
@@ -334,7 +333,7 @@ Measured {r['date']} on {r['machine']}; 1-minute load average {r['load_average']
 
 | measure | value |
 | --- | --- |
-| `python -m studio.train`, tokens/s (fastest of {r['repeats']}) | {r['studio_tokens_per_s']:,.0f} |
+| `python -m studio.runs.trainer`, tokens/s (fastest of {r['repeats']}) | {r['studio_tokens_per_s']:,.0f} |
 | reference script (Trainer + PEFT, same data, seed and batches), tokens/s (fastest of {r['repeats']}) | {r['reference_tokens_per_s']:,.0f} |
 | **studio / reference tokens/s**, fastest runs (median runs) | **{r['ratio_best']:.3f}** ({r['ratio_median']:.3f}) |
 | train_runtime s, studio runs / reference runs, in the order run | {fmt(r['studio_runtime_s'])} / {fmt(r['reference_runtime_s'])} |

@@ -49,11 +49,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import machine, write_section  # noqa: E402 - bench/report.py
+
 from studio import runs  # noqa: E402
 from studio.config import RunConfig  # noqa: E402
 from studio.ui import live  # noqa: E402
-
-from report import machine, write_section  # noqa: E402 - bench/report.py
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon", "candle", "orbit", "maple"]
 TARGET_SLOWDOWN, TARGET_P95_MS = 0.05, 200.0
@@ -197,7 +197,7 @@ class Tab(threading.Thread):
     def run(self) -> None:
         try:
             self.load_page()  # a new tab: the model tab's tree and the run to follow
-        except Exception as e:  # noqa: BLE001 - a benchmark records failures, it does not stop on them
+        except Exception as e:
             self.errors.append(f"page_load: {e}")
         self.loaded.set()
         next_at = max(time.monotonic(), self.start_at)
@@ -211,7 +211,7 @@ class Tab(threading.Thread):
                 took, d = self.live()
                 self.latencies.append((t, took))
                 interval = d["next_ms"] / 1000  # when the page's script asks next
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.errors.append(str(e))
             next_at = max(next_at + interval, time.monotonic())  # a late tick is not made up twice
         if self.conn is not None:

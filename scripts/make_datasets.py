@@ -1,4 +1,4 @@
-"""Write the built-in sample datasets in assets/datasets/ (deterministic: same bytes every run).
+"""Write the built-in sample datasets in studio/assets/datasets/ (deterministic: same bytes every run).
 
     python scripts/make_datasets.py
 
@@ -15,7 +15,7 @@ import random
 import re
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "assets" / "datasets"
+OUT = Path(__file__).resolve().parent.parent / "studio" / "assets" / "datasets"
 
 NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
            "fifteen sixteen seventeen eighteen nineteen twenty").split()

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, load_config
-from .models import build_meta_model, model_dir
+from studio.config import load_config
+from studio.errors import AnalysisError, StudioError
+from studio.models.registry import build_meta_model, model_dir
 
 PEFT_PREFIX = "base_model.model."
 _FACTOR_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
@@ -41,9 +42,6 @@ RANDOM_SEED = 0
 # amplification to about this many bytes, whatever the layer's size.
 _BLOCK_BYTES = 64 << 20
 
-
-class AnalysisError(ConfigError):
-    """An analysis cannot run on these inputs; the message names the adapter, module or tensor."""
 
 
 # --- adapters -----------------------------------------------------------------------------
@@ -350,7 +348,7 @@ def _base_dir(adapter: Adapter, base) -> Path:
         where = "the base argument"
     try:
         return Path(model_dir(str(base)))
-    except ConfigError as e:
+    except StudioError as e:
         raise AnalysisError(f"base model {base!r} from {where}: {e}") from None
 
 

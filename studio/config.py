@@ -20,15 +20,14 @@ from typing import Any
 
 import yaml
 
+from studio.errors import ConfigError
+
 TASKS = ("causal_lm", "seq_cls")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "alpaca", "messages", "text", "classification")
 BIAS_MODES = ("none", "all", "lora_only")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
-
-class ConfigError(ValueError):
-    """A setting is invalid; the message names the field, the value and what is allowed."""
 
 
 @dataclass
@@ -195,7 +194,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         for part in (self.model, self.data, self.lora, self.train):
             part.validate()
         return self
@@ -214,7 +213,7 @@ class RunConfig:
         os.replace(tmp, path)
 
     @classmethod
-    def from_dict(cls, raw: Any, source: str = "config") -> "RunConfig":
+    def from_dict(cls, raw: Any, source: str = "config") -> RunConfig:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):

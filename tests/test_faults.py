@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 import studio.ui.app  # noqa: F401  (imported before any run starts: the import takes seconds)
 from studio import cli, runs
 from studio.config import RunConfig
-from studio.ui import data_tab, train_tab
+from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import train as train_tab
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon"]
@@ -423,7 +424,7 @@ def looks_complete(folder: Path) -> bool:
 
 
 def test_merge_cancelled_from_progress_leaves_nothing(base_and_adapter, tmp_path):
-    from studio.merge import merge
+    from studio.export.merge import merge
 
     base, adapter = base_and_adapter
     out = tmp_path / "merged"
@@ -454,7 +455,7 @@ def test_merge_cancelled_from_progress_leaves_nothing(base_and_adapter, tmp_path
 MERGE_DRIVER = """
 import sys, time
 from pathlib import Path
-from studio.merge import merge
+from studio.export.merge import merge
 base, adapter, out, flag = sys.argv[1:5]
 def slow(done, total, what):
     Path(flag).write_text(f"{done} {total}")
@@ -464,7 +465,7 @@ merge(base, adapter, out, progress=slow)
 
 
 def test_merge_process_killed_half_way_leaves_only_a_hidden_partial(base_and_adapter, tmp_path):
-    from studio.merge import merge
+    from studio.export.merge import merge
 
     base, adapter = base_and_adapter
     out, flag = tmp_path / "merged", tmp_path / "progress"

@@ -7,11 +7,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import studio.generate as gen
-from studio.config import ConfigError, RunConfig
+import studio.playground as gen
+from studio.config import RunConfig
 from studio.data import alpaca_prompt, build_datasets, chat_prompt
-from studio.generate import Playground, PlaygroundError
+from studio.errors import StudioError
 from studio.models import load_model, presets
+from studio.playground import Playground, PlaygroundError
 
 ROWS = [
     {"instruction": "Spell the word backwards, letter by letter.", "input": "ship", "output": "p i h s"},
@@ -174,7 +175,7 @@ def test_concurrent_streams_keep_their_own_mode(pg):
         try:
             for _ in range(2):
                 got[(mode, _)] = list(pg.stream("abc", adapter=mode, temperature=0, max_new_tokens=16))[-1]
-        except Exception as e:  # noqa: BLE001 - surfaced below
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(m,)) for m in (False, True)]
@@ -241,7 +242,7 @@ def test_eval_sample_accuracy(cls_pg):
 
 def _one_line(excinfo) -> str:
     msg = str(excinfo.value)
-    assert isinstance(excinfo.value, ConfigError) and msg and "\n" not in msg
+    assert isinstance(excinfo.value, StudioError) and msg and "\n" not in msg
     return msg
 
 

@@ -6,7 +6,7 @@ from peft import get_peft_model
 
 from studio import lora, models
 from studio.config import LoraSettings
-from studio.tree import build_tree, model_tree
+from studio.models.tree import build_tree, model_tree
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
 # Architectures beyond the presets, from small configs: fused qkv, Conv1D, encoder-decoder, MoE, biases.

@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from studio.merge import MergeError, export_adapter_zip, export_merged_zip, merge
-from studio.shards import INDEX_NAME
+from studio.export.merge import MergeError, export_adapter_zip, export_merged_zip, merge
+from studio.models.shards import INDEX_NAME
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -122,7 +122,7 @@ def test_llama_matches_peft(tmp_path, tie):
 @pytest.mark.parametrize("meta", [True, False])
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path, monkeypatch, meta):
     if not meta:  # as for a remote-code model: no class to ask, only the files and the adapter config
-        monkeypatch.setattr("studio.merge_plan._meta_model", lambda *a, **k: None)
+        monkeypatch.setattr("studio.export.plan._meta_model", lambda *a, **k: None)
     base, adapter, pm, logits = make_case(tmp_path, tiny_gpt2(), LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
                                                                             target_modules=["c_attn", "c_proj", "c_fc"],
                                                                             fan_in_fan_out=True))
@@ -319,7 +319,7 @@ def test_merge_run_uses_the_runs_base_model(tmp_path):
     if not hasattr(models, "model_dir"):
         pytest.skip("studio.models.model_dir is not there yet")
     from studio.config import RunConfig
-    from studio.merge import merge_run
+    from studio.export.merge import merge_run
 
     run = tmp_path / "run"
     run.mkdir()

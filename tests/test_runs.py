@@ -18,6 +18,7 @@ import pytest
 
 from studio import runs
 from studio.config import RunConfig
+from studio.errors import ConfigError
 
 
 def cfg(**train) -> RunConfig:
@@ -70,7 +71,7 @@ def test_create_run_writes_config_and_queued_status_with_unique_ids(tmp_path):
 def test_create_run_validates_the_config(tmp_path):
     bad = cfg()
     bad.lora.r = 0
-    with pytest.raises(runs.ConfigError, match="lora.r"):
+    with pytest.raises(ConfigError, match="lora.r"):
         runs.create_run(bad, tmp_path)
     assert not any(tmp_path.iterdir())
 
@@ -166,12 +167,12 @@ def test_start_run_checks_launch_arguments(tmp_path):
 
 def test_trainer_command_forms(tmp_path):
     run = tmp_path / "r"
-    assert runs.trainer_command(run) == [sys.executable, "-m", "studio.train", str(run)]
+    assert runs.trainer_command(run) == [sys.executable, "-m", "studio.runs.trainer", str(run)]
     assert runs.trainer_command(run, resume=True)[-1] == "--resume"
     ddp = runs.trainer_command(run, nproc=2)
     assert ddp[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert ddp[ddp.index("--num_processes") + 1] == "2" and "--multi_gpu" in ddp and "--main_process_port" in ddp
-    assert ddp[-3:] == ["-m", "studio.train", str(run)]
+    assert ddp[-3:] == ["-m", "studio.runs.trainer", str(run)]
     conf = runs.trainer_command(run, nproc=4, accelerate_config="fsdp.yaml")
     assert conf[conf.index("--config_file") + 1] == "fsdp.yaml" and conf[conf.index("--num_processes") + 1] == "4"
     assert "--multi_gpu" not in conf, "the config file decides the backend"

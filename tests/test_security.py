@@ -17,7 +17,6 @@ import pickle
 import re
 import socket
 import sys
-import tomllib
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -25,12 +24,16 @@ from pathlib import Path
 import gradio as gr
 import psutil
 import pytest
+import tomllib
 import yaml
 
 from studio import cli, runs
 from studio.config import ModelConfig, RunConfig, field_help
 from studio.ui import app as ui_app
-from studio.ui import data_tab, login_wall, model_tab, train_tab
+from studio.ui import login_wall
+from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import model as model_tab
+from studio.ui.tabs import train as train_tab
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "alice", "correct horse battery"
@@ -242,7 +245,7 @@ def test_api_client_with_credentials_works_and_without_is_refused(server):
     from gradio_client import Client
 
     url = f"http://127.0.0.1:{server['port']}"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (the client raises a version-dependent error type)
         Client(url, verbose=False)
     table, *_ = Client(url, auth=(USER, PASSWORD), verbose=False).predict(None, [], api_name="/list_runs")
     assert table["headers"][:3] == ["id", "state", "steps"] and table["data"] == [], table  # the (empty) runs table
@@ -441,8 +444,8 @@ def no_unpickling(monkeypatch):
 def test_pickled_models_and_adapters_are_refused_never_loaded(no_unpickling, tmp_path, capsys):
     from studio import models
     from studio.analysis import Adapter, AnalysisError
-    from studio.merge import MergeError, merge
-    from studio.ui import playground_tab
+    from studio.export.merge import MergeError, merge
+    from studio.ui.tabs import playground as playground_tab
 
     marker = tmp_path / "UNPICKLED"
     blob = pickle.dumps(Payload(marker))
@@ -507,8 +510,8 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path, capsys):
         "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
     for mod in ("configuration_evil", "modeling_evil"):
         (model / f"{mod}.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(model / "model.safetensors"))
     capsys.readouterr()
@@ -554,10 +557,10 @@ class TinyCustomForCausalLM(PreTrainedModel):
 def test_trust_remote_code_switch_in_the_ui_says_what_it_means_and_is_passed_on(tmp_path):
     """A model with code of its own: refused with the box named while it is off; explained when
     ticked; with it on, the model's own class builds the tree and the run's config carries it."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
-    from studio.ui import train_tab
+    from studio.ui.tabs import train as train_tab
 
     model = tmp_path / "custom-model"
     model.mkdir()

@@ -1,6 +1,6 @@
 """The trainer process, for real: tiny-llama on CPU, a few dozen steps per run.
 
-Each test starts `python -m studio.train` the way the UI does (runs.start_run) and reads only
+Each test starts `python -m studio.runs.trainer` the way the UI does (runs.start_run) and reads only
 the run directory, as the UI does. OMP_NUM_THREADS=1 keeps a step at tens of milliseconds on
 a shared 2-core machine, where several OpenMP threads per process slow everything to a crawl.
 """

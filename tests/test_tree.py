@@ -1,4 +1,4 @@
-from studio.tree import model_tree, render
+from studio.models.tree import model_tree, render
 
 
 def _find(node, name):
@@ -34,7 +34,7 @@ def test_parameter_totals_add_up_and_tied_weights_count_once():
 def test_blocks_that_differ_stay_separate():
     from torch import nn
 
-    from studio.tree import build_tree
+    from studio.models.tree import build_tree
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8))
     tree = build_tree(model, "seq")

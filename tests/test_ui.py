@@ -2,13 +2,18 @@
 
 import json
 
+import gradio as gr
 import pytest
 
 from studio import lora
 from studio.config import LoraSettings
-from studio.tree import model_tree
-from studio.ui import data_tab, live, model_tab, runs_tab, train_tab
-from studio.ui.tree_view import leaf_index, render_tree
+from studio.models.tree import model_tree
+from studio.ui import live
+from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import model as model_tab
+from studio.ui.tabs import runs as runs_tab
+from studio.ui.tabs import train as train_tab
+from studio.ui.widgets.tree_view import leaf_index, render_tree
 
 LLAMA = {"ref": "tiny-llama", "task": "causal_lm", "explore_only": False, "trust_remote_code": False}
 
@@ -144,7 +149,7 @@ def test_preview_reports_format_and_token_stats():
 
 def test_runs_tab_refuses_ids_that_are_not_run_folders(tmp_path):
     for bad in ("..", "../x", "/etc", "nope"):
-        with pytest.raises(Exception):
+        with pytest.raises(gr.Error):
             runs_tab.run_folder(tmp_path, bad)
 
 
@@ -180,7 +185,7 @@ def test_live_view_sends_new_points_that_continue_the_whole_chart(tmp_path):
     """A tab that holds the chart gets only the points added since its token; appended to what it
     holds they give exactly the chart a fresh tab gets. What breaks the lines (a resume that took
     points back, a recreated metrics file, a line that appears) sends the whole chart again."""
-    row = lambda s, **kw: {"step": s, "loss": 5 - s / 100, "learning_rate": 1e-3 * s, **kw}  # noqa: E731
+    row = lambda s, **kw: {"step": s, "loss": 5 - s / 100, "learning_rate": 1e-3 * s, **kw}
     d = _fake_run(tmp_path, "20260101-000000-a", [row(s) for s in range(1, 11)])
     meta, fig = _ask(tmp_path, None, "")
     assert meta["run"] == d.name and fig is not None and "append" not in meta
@@ -241,7 +246,7 @@ def test_cost_explorer_covers_ranks_and_target_sets():
 
 
 def test_loss_chart_drops_points_a_crash_lost_and_logged_again():
-    from studio.ui.charts import clean_rows, loss_figure
+    from studio.ui.widgets.charts import clean_rows, loss_figure
 
     rows = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 3, "loss": 3.9},
             {"event": "resumed", "step": 2}, {"step": 3, "loss": 3.8}, {"step": 4, "loss": 3.5}]

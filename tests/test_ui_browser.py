@@ -35,7 +35,7 @@ def server(tmp_path_factory, free_port):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(runs.parent / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(f"server exited: {(runs.parent / 'server.log').read_text()[-2000:]}") from None
             time.sleep(0.5)
     yield url, runs
     proc.terminate()
@@ -88,7 +88,7 @@ def _trainable(page) -> int:
 def test_point_and_click_fine_tune_merge_and_download(server, page):
     from studio import lora
     from studio.config import LoraSettings
-    from studio.tree import model_tree
+    from studio.models.tree import model_tree
 
     url, runs = server
     page.goto(url)

@@ -15,9 +15,16 @@ from pathlib import Path
 import gradio as gr
 from starlette.middleware import Middleware
 
-from .. import runs
-from . import analysis_tab, data_tab, export_tab, live, model_tab, playground_tab, runs_tab, train_tab
-from .login_wall import LoginWall
+from studio import runs
+from studio.ui import live
+from studio.ui.login_wall import LoginWall
+from studio.ui.tabs import analysis as analysis_tab
+from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import export as export_tab
+from studio.ui.tabs import model as model_tab
+from studio.ui.tabs import playground as playground_tab
+from studio.ui.tabs import runs as runs_tab
+from studio.ui.tabs import train as train_tab
 
 CSS = """
 .pc { padding: 10px 12px; border-radius: 8px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
@@ -255,7 +262,7 @@ def _wire_playground(g, tab, root: Path):
 def _wire_analysis(a, tab, root: Path):
     def refresh(run_a, run_b):
         ids = export_tab.exportable(root)
-        pick = lambda cur: cur if cur in ids else (ids[0] if ids else None)  # noqa: E731
+        pick = lambda cur: cur if cur in ids else (ids[0] if ids else None)
         return gr.update(choices=ids, value=pick(run_a)), gr.update(choices=ids, value=pick(run_b))
 
     tab.select(refresh, [a.run_a, a.run_b], [a.run_a, a.run_b], **LIGHT)

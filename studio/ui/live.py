@@ -31,8 +31,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .. import runs
-from .charts import Series, loss_plot
+from studio import runs
+from studio.ui.widgets.charts import Series, loss_plot
 
 LIVE_PATH, PLOTLY_PATH = "/studio/live", "/studio/plotly.min.js"
 TICK_ACTIVE_MS, TICK_IDLE_MS = 1000, 5000

@@ -1,4 +1,4 @@
-"""The background trainer process: `python -m studio.train RUN_DIR [--resume]`.
+"""The background trainer process: `python -m studio.runs.trainer RUN_DIR [--resume]`.
 
 Reads RUN_DIR/config.yaml, builds the tokenizer, datasets, model and PEFT model, and runs
 transformers' `Trainer`. Everything it reports goes into the run directory (see runs.py):
@@ -34,7 +34,7 @@ metrics and the adapter. For multi-node, FSDP or DeepSpeed, write an accelerate 
     studio train run.yaml --accelerate-config my.yaml [--nproc N]
     runs.start_run(cfg, accelerate_config="my.yaml", nproc=N)
 
-which becomes `accelerate launch --config_file my.yaml [--num_processes N] -m studio.train RUN_DIR`;
+which becomes `accelerate launch --config_file my.yaml [--num_processes N] -m studio.runs.trainer RUN_DIR`;
 the file then decides backend, machines, ports, FSDP or DeepSpeed settings and mixed precision.
 
 Test hook: the environment variable STUDIO_INJECT_NAN_AT_STEP=N multiplies the training loss
@@ -87,8 +87,9 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from . import runs  # noqa: E402
-from .config import ConfigError, RunConfig, load_config  # noqa: E402
+from studio import runs  # noqa: E402
+from studio.config import RunConfig, load_config  # noqa: E402
+from studio.errors import ConfigError, StudioError  # noqa: E402
 
 NAN_HOOK_ENV = "STUDIO_INJECT_NAN_AT_STEP"
 # Trainer's own files in a checkpoint; everything else there (adapter, tokenizer) is the adapter.
@@ -301,9 +302,9 @@ def _argmax(logits, labels):
 def build(cfg: RunConfig, run_dir: Path, report: Reporter) -> tuple[StudioTrainer, StudioCallback]:
     from peft import get_peft_model
 
-    from .data import build_datasets
-    from .lora import build_lora_config
-    from .models import load_model, load_tokenizer
+    from studio.data.prepare import build_datasets
+    from studio.lora.targets import build_lora_config
+    from studio.models.registry import load_model, load_tokenizer
 
     m = cfg.model
     set_seed(cfg.train.seed)
@@ -420,7 +421,7 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m studio.train", description="Run one LoRA training run (a run folder).")
+    p = argparse.ArgumentParser(prog="python -m studio.runs.trainer", description="Run one LoRA training run (a run folder).")
     p.add_argument("run_dir", help="run folder holding config.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     a = p.parse_args(argv)
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update(state="failed", phase="done", error="interrupted twice; ended without saving",
                       finished_at=time.time())
         return 130
-    except ConfigError as e:  # bad data, model reference or config: the message names it
+    except StudioError as e:  # bad data, model reference or config: the message names it
         report.update(state="failed", phase="done", error=str(e), finished_at=time.time())
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import data, models
-from ..config import DATA_FORMATS, ConfigError, DataConfig, field_help
+from studio import data, models
+from studio.config import DATA_FORMATS, DataConfig, field_help
+from studio.errors import StudioError
 
 DATA_HELP = field_help(DataConfig)
 UPLOAD_KINDS = [".jsonl", ".json", ".csv", ".parquet", ".txt"]
@@ -75,7 +76,7 @@ def save_upload(tmp_path: str | None, runs_dir: Path) -> str:
         raise gr.Error(f"{src.name}: the file is empty (0 bytes)", print_exception=False)
     try:
         data.load_records(str(src))
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e).replace(str(src.parent) + "/", ""), print_exception=False) from None
     dest_dir = runs_dir / "uploads"
     try:
@@ -104,11 +105,11 @@ def preview(path: str, fmt: str, max_length: float, model_state: dict):
         return [], "", "choose a dataset"
     try:
         tok = models.load_tokenizer(model_state.get("ref")) if not model_state.get("explore_only") else None
-    except ConfigError:
+    except StudioError:
         tok = None
     try:
         p = data.preview(path, tok, fmt or "auto", n=8, max_length=int(max_length))
-    except ConfigError as e:
+    except StudioError as e:
         return [], f"<div class='bad'>⚠ {html.escape(str(e))}</div>", str(e)
     rows = [{k: _cell(v) for k, v in r.items()} for r in p["rows"]]
     info = [f"**{p['num_rows']:,} examples** · format **{p['format']}** ({html.escape(p['reason'])})"]

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import lora, models
-from ..config import ConfigError, LoraSettings, field_help, parse_layers
-from ..shards import pickled_files
-from ..tree import ModelTree, human, model_tree
-from .charts import param_chart
-from .tree_view import ModuleTree, leaf_index, render_tree
+from studio import lora, models
+from studio.config import LoraSettings, field_help, parse_layers
+from studio.errors import ConfigError, StudioError
+from studio.models.shards import pickled_files
+from studio.models.tree import ModelTree, human, model_tree
+from studio.ui.widgets.charts import param_chart
+from studio.ui.widgets.tree_view import ModuleTree, leaf_index, render_tree
 
 DEFAULT_MODEL = "tiny-llama"
 ALL_LINEAR_CHOICE = "all-linear"
@@ -86,7 +87,7 @@ def load(ref: str, task: str | None = None, trust_remote_code: bool = False):
         src = models.resolve(ref)
         task = task or src.default_task
         tree = model_tree(ref, task, trust_remote_code)
-    except ConfigError as e:
+    except StudioError as e:
         msg = str(e)
         if "trust_remote_code" in msg and not trust_remote_code:
             msg += ". Here: the trust_remote_code box under Load, then Load again."
@@ -193,7 +194,7 @@ def selection(state: dict, keys: list[str], layers: str, r: float, alpha: float,
         settings.validate()
         if not targets:
             error = "no LoRA target is ticked: tick modules in the tree or a type above"
-    except ConfigError as e:
+    except StudioError as e:
         settings = LoraSettings(r=max(1, int(r or 1)), lora_alpha=max(float(alpha or 1), 1e-6),
                                 target_modules=["(none)"])
         error = str(e)
@@ -206,7 +207,7 @@ def count_view(sel: Selection) -> tuple[str, object, str | None]:
         return _count_html(None, sel, sel.error), param_chart({}, {}), sel.error
     try:
         c = lora.check(sel.tree, sel.settings)
-    except ConfigError as e:
+    except StudioError as e:
         return _count_html(None, sel, str(e)), param_chart({}, {}), str(e)
     return _count_html(c, sel, None), param_chart(c.by_type, c.by_layer), None
 

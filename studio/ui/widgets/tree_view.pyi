@@ -12,7 +12,7 @@ import html
 
 import gradio as gr
 
-from ..tree import ModelTree, human
+from studio.models.tree import ModelTree, human
 
 JS = r"""
 const leafBoxes = () => Array.from(element.querySelectorAll('input[data-leaf]'));
@@ -62,6 +62,7 @@ CSS = """
 .mt input { margin-right: 0.35em; vertical-align: middle; }
 """
 
+from gradio.events import Dependency
 
 class ModuleTree(gr.HTML):
     """value: list of selected leaf keys (folded paths such as model.layers.0-3.self_attn.q_proj)."""
@@ -78,6 +79,11 @@ class ModuleTree(gr.HTML):
 
     def api_info(self):
         return {"type": "array", "items": {"type": "string"}}
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
 
 
 def leaf_index(tree: ModelTree) -> dict[str, list[str]]:

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import runs
-from ..config import ConfigError
-from .runs_tab import run_folder, run_ids
+from studio import runs
+from studio.errors import StudioError
+from studio.ui.tabs.runs import run_folder, run_ids
 
 ZIP_LIMIT_MB = 512
 
@@ -26,7 +26,8 @@ def exportable(runs_dir: Path) -> list[str]:
 
 def merge(runs_dir: Path, run_id: str, dtype: str, verify: bool, progress=None) -> tuple[str, str | None]:
     """Merge (again) into RUN/merged. Returns (merge-report HTML, merged zip path or None)."""
-    from .. import export, merge as merging
+    from studio.export import merge as merging
+    from studio.export import zips as export
 
     d = run_folder(runs_dir, run_id)
 
@@ -39,7 +40,7 @@ def merge(runs_dir: Path, run_id: str, dtype: str, verify: bool, progress=None) 
         zip_path = None
         if rep.size_mb <= ZIP_LIMIT_MB:
             zip_path = str(export.export_merged_zip(rep.out, d / "exports" / f"{run_id}-merged.zip"))
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     except OSError as e:  # a full disk: the merge left nothing that looks complete; say why
         where = f" ({e.filename})" if e.filename else ""
@@ -68,16 +69,16 @@ def report_html(r: dict, too_big: bool) -> str:
 
 
 def adapter_zip(runs_dir: Path, run_id: str) -> str:
-    from .. import export
+    from studio.export import zips as export
 
     d = run_folder(runs_dir, run_id)
     try:
-        from ..config import load_config
+        from studio.config import load_config
 
         base = load_config(d / runs.CONFIG).model.name_or_path
         return str(export.export_adapter_zip(d / runs.ADAPTER, d / "exports" / f"{run_id}-adapter.zip",
                                              base_name=base))
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from studio.errors import ModelRefError
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # package data: studio/assets
 PRESETS_DIR = ASSETS / "model-configs"
 
 # Built-ins made on the machine. The tiny models are random-init with a fixed seed: they
@@ -45,9 +45,6 @@ SEED = 0
 # Bump when a built-in's recipe changes so stale cached copies are rebuilt.
 BUILTIN_VERSION = 1
 
-
-class ModelRefError(ConfigError):
-    """A model reference that cannot be resolved or used as asked."""
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import gradio as gr
 import plotly.graph_objects as go
 
-from ..config import ConfigError
-from .export_tab import exportable
-from .runs_tab import run_folder
+from studio.errors import StudioError
+from studio.ui.tabs.export import exportable
+from studio.ui.tabs.runs import run_folder
 
 
 def _adapter(runs_dir: Path, run_id: str):
-    from ..analysis import Adapter
+    from studio.analysis import Adapter
 
     return Adapter(run_folder(runs_dir, run_id))
 
@@ -29,20 +29,20 @@ def modules(runs_dir: Path, run_id: str) -> list[str]:
         return []
     try:
         return list(_adapter(runs_dir, run_id).modules)
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
 
 
 def subspace(runs_dir: Path, run_a: str, run_b: str, module: str | None, which: str):
     """(heatmap figure, summary HTML) of phi(i, j) between two runs' adapters."""
-    from ..analysis import subspace_similarity
+    from studio.analysis import subspace_similarity
 
     if not run_a or not run_b:
         raise gr.Error("pick two runs (the same run twice compares an adapter with itself)", print_exception=False)
     try:
         out = subspace_similarity(run_folder(runs_dir, run_a), run_folder(runs_dir, run_b),
                                   module=module or None, which=which)
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     grid = out["phi"]
     fig = go.Figure(go.Heatmap(z=grid, x=list(range(1, out["r2"] + 1)), y=list(range(1, out["r1"] + 1)),
@@ -62,11 +62,11 @@ def subspace(runs_dir: Path, run_a: str, run_b: str, module: str | None, which: 
 
 def spectrum(runs_dir: Path, run_id: str):
     """(figure of singular values per module, table rows)."""
-    from ..analysis import spectrum as spec
+    from studio.analysis import spectrum as spec
 
     try:
         rows = spec(run_folder(runs_dir, run_id))
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     fig = go.Figure()
     for r in rows:
@@ -81,11 +81,11 @@ def spectrum(runs_dir: Path, run_id: str):
 
 
 def amplification(runs_dir: Path, run_id: str):
-    from ..analysis import amplification as amp
+    from studio.analysis import amplification as amp
 
     try:
         rows = amp(run_folder(runs_dir, run_id))
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     return [[r["module"], r["r"], _g(r["delta_w_norm"]), _g(r["projected_w_norm"]), _g(r["w_norm"]),
              _g(r["amplification"]), _g(r["random_projected_w_norm"]), _g(r["random_amplification"])] for r in rows]

@@ -13,7 +13,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from .config import ConfigError
+from studio.errors import ExportError
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -23,9 +23,6 @@ TOKENIZER_FILES = (
 _AUTO_CLASS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification"}
 
-
-class ExportError(ConfigError):
-    """A folder to export is missing files; the message names the folder and the file."""
 
 
 def export_adapter_zip(adapter_dir, dest_zip, *, base_name: str | None = None) -> Path:

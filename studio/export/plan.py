@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from . import shards
-from .config import ConfigError
-from .merge_verify import quiet
+from studio.errors import MergeError
+from studio.export.verify import quiet
+from studio.models import shards
 
 PEFT_PREFIX = "base_model.model."
 _ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "B_bias",
@@ -40,9 +40,6 @@ _UNSUPPORTED = {
 }
 _HEADS = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
 
-
-class MergeError(ConfigError):
-    """The merge was refused or failed; the message names the file, tensor or value."""
 
 
 @dataclass

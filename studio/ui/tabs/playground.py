@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ..config import ConfigError
-from .export_tab import exportable
-from .runs_tab import run_folder
+from studio.errors import StudioError
+from studio.ui.tabs.export import exportable
+from studio.ui.tabs.runs import run_folder
 
 
 def _playground(runs_dir: Path, run_id: str):
-    from ..generate import Playground
-    from ..shards import pickled_adapter_reason
+    from studio.models.shards import pickled_adapter_reason
+    from studio.playground import Playground
 
     if not run_id:
         raise gr.Error("pick a run with an adapter (train one on the Train tab first)", print_exception=False)
@@ -28,13 +28,13 @@ def _playground(runs_dir: Path, run_id: str):
         raise gr.Error(reason, print_exception=False)
     try:
         return Playground.for_run(run_dir)
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
 
 
 def usable_runs(runs_dir: Path) -> list[str]:
     """Runs with a final adapter, or a complete checkpoint while still training."""
-    from .. import runs
+    from studio import runs
 
     ids = set(exportable(runs_dir))
     for r in runs.list_runs(runs_dir):
@@ -63,7 +63,7 @@ def generate(runs_dir: Path, run_id: str, prompt: str, max_new_tokens: float, te
         for base, tuned in pg.side_by_side(prompt, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                            top_p=float(top_p), seed=int(seed), template=template):
             yield base, tuned
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
 
 
@@ -72,7 +72,7 @@ def evaluate(runs_dir: Path, run_id: str):
     pg = _playground(runs_dir, run_id)
     try:
         out = pg.eval_sample(n=64)
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     acc = out["accuracy"]
     text = (f"On {out['n']} examples of the {out['split']} split: base accuracy **{acc['base']:.1%}**, "

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import numpy as np
@@ -46,10 +47,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .config import RunConfig
-
-from .dataload import (BUILTIN_DIR, LABEL_COLUMNS, TEXT_COLUMNS, DataError, LoadedData, _detect,
-                       _short, load_records)
+from studio.config import RunConfig
+from studio.data.load import BUILTIN_DIR, LABEL_COLUMNS, TEXT_COLUMNS, LoadedData, _detect, _short, load_records
+from studio.errors import DataError
 
 IGNORE = -100
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"

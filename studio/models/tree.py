@@ -9,9 +9,9 @@ Its nested form folds runs of identical blocks the way PyTorch prints them
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -272,7 +272,7 @@ def _label(node: dict) -> str:
 @lru_cache(maxsize=4)
 def model_tree(ref: str, task: str | None = None, trust_remote_code: bool = False) -> ModelTree:
     """The tree of any reference, built on the meta device (no weights are read) and cached."""
-    from .models import build_meta_model, resolve
+    from studio.models.registry import build_meta_model, resolve
 
     task = task or resolve(ref).default_task
 

@@ -43,7 +43,8 @@ from typing import Callable
 
 import psutil
 
-from .config import ConfigError, RunConfig, load_config
+from studio.config import RunConfig, load_config
+from studio.errors import ConfigError, RunError
 
 STATES = ("queued", "running", "stopping", "stopped", "completed", "failed", "diverged")
 ACTIVE_STATES = ("queued", "running", "stopping")
@@ -57,9 +58,6 @@ CHECKPOINTS, ADAPTER = "checkpoints", "adapter"
 COMPLETE_MARKER = "studio-complete.json"
 LOG_TAIL_LINES = 20
 
-
-class RunError(ConfigError):
-    """A run cannot be started, resumed, stopped or deleted as asked; the message says why."""
 
 
 # --- files --------------------------------------------------------------------------------
@@ -413,7 +411,7 @@ def follow(run_dir: str | os.PathLike, on_update: Callable[[dict, list[dict]], N
 def trainer_command(run_dir: Path, resume: bool = False, nproc: int = 1,
                     accelerate_config: str | os.PathLike | None = None) -> list[str]:
     """The command line that runs the trainer; under `accelerate launch` for several processes."""
-    target = ["-m", "studio.train", str(run_dir)] + (["--resume"] if resume else [])
+    target = ["-m", "studio.runs.trainer", str(run_dir)] + (["--resume"] if resume else [])
     if nproc == 1 and accelerate_config is None:
         return [sys.executable, *target]
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -439,9 +437,6 @@ def _spawn(run_dir: Path, resume: bool, nproc: int, accelerate_config, cwd: str 
     run_dir = run_dir.resolve()
     cmd = trainer_command(run_dir, resume, nproc, None if accelerate_config is None else Path(accelerate_config).resolve())
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # Let the child import this very package even when it is run from a source checkout.
-    src_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
     cwd = cwd if cwd and Path(cwd).is_dir() else os.getcwd()
     with open(run_dir / LOG, "ab") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
@@ -473,7 +468,7 @@ def _signal_run(run_dir: Path, sig: int) -> None:
             # The launcher leads its own session: the group holds it and every worker it started.
             os.killpg(launcher, sig)
         elif process_alive(st.get("pid"), st.get("pid_started")):
-            # A trainer started by hand (python -m studio.train) lives in its terminal's group: only it.
+            # A trainer started by hand (python -m studio.runs.trainer) lives in its terminal's group: only it.
             os.kill(int(st["pid"]), sig)
 
 

@@ -14,16 +14,17 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import ConfigError
+from studio.errors import DataError
 
 FORMATS = ("alpaca", "messages", "text", "classification")
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
@@ -31,15 +32,12 @@ FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "c
 TEXT_COLUMNS = ("text", "sentence")
 LABEL_COLUMNS = ("label", "labels")
 ROLES = ("system", "user", "assistant")
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "datasets"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "datasets"  # package data
 # One example (a line of JSONL/TXT/CSV, or one text value) may hold at most this much. Longer
 # ones are almost always a file without line breaks or a misplaced blob; real documents this long
 # should be split into several examples. Refused up front, with the line, before any tokenizer sees it.
 MAX_EXAMPLE_MB = 1
 
-
-class DataError(ConfigError):
-    """A dataset that cannot be used; the message names the file, line or field and what is allowed."""
 
 
 @dataclass
@@ -95,7 +93,7 @@ def _resolve(path: str) -> Path | None:
     p = Path(path).expanduser()
     if p.exists():
         return p
-    # Configs name built-ins relative to the project ("assets/datasets/..."), whatever the cwd.
+    # Configs name built-ins as "assets/datasets/NAME.jsonl", relative to the package, whatever the cwd.
     q = BUILTIN_DIR.parent.parent / p
     return q if not p.is_absolute() and q.exists() else None
 

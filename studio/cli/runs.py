@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from studio.config import load_config
+from studio.errors import ConfigError
+from studio.runs.preflight import check_runs_folder, preflight
 
 
 def add_parsers(sub) -> None:
@@ -84,7 +86,7 @@ def _print_json(obj) -> None:
 # --- train / runs / stop -------------------------------------------------------------------
 
 def cmd_train(a) -> int:
-    from . import runs
+    from studio import runs
 
     if a.resume:
         if a.config:
@@ -108,53 +110,9 @@ def cmd_train(a) -> int:
     return follow(run_dir)
 
 
-def preflight(cfg) -> None:
-    """Refuse what the trainer would fail on, before a run folder or a process exists.
-
-    Costs well under a second (the model is built on the meta device); each refusal is a
-    ConfigError whose message names the model, file or target.
-    """
-    from . import lora, models
-    from .data import load_records
-    from .tree import model_tree
-
-    m = cfg.model
-    src = models.resolve(m.name_or_path)
-    if src.explore_only:
-        raise ConfigError(no_weights_reason(m.name_or_path, src.path))
-    d = load_records(cfg.data.path, cfg.data.format)  # bad data: file:line and what is wrong
-    if m.task == "seq_cls" and d.format != "classification":
-        raise ConfigError(f"{cfg.data.path}: model.task seq_cls needs text + label columns, but {d.reason}")
-    if m.task == "causal_lm" and d.format == "classification":
-        raise ConfigError(f"{cfg.data.path}: {d.reason}, which needs model.task seq_cls; or set data.format: text")
-    lora.check(model_tree(m.name_or_path, m.task, m.trust_remote_code), cfg.lora)  # targets that match nothing
-
-
-def no_weights_reason(ref: str, path: Path | None) -> str:
-    """Why a model reference cannot train: pickled weights are named as such."""
-    from .shards import pickled_files
-
-    folder = path if path is not None and path.is_dir() else None
-    pickled = pickled_files(folder) if folder is not None else []
-    if pickled:
-        return (f"model {ref} has only pickled weights ({', '.join(pickled[:3])}), which are never loaded (a pickle "
-                "can run code); convert them to safetensors (save_pretrained(..., safe_serialization=True))")
-    return (f"model {ref} is explore-only (a config without *.safetensors weights): it can show its tree and "
-            "counts but not train; pick a built-in or a folder with weights")
-
-
-def check_runs_folder(root: Path) -> None:
-    """The runs folder, or a folder above it, must not be a file (a mistyped --runs-dir); one line if so."""
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"runs folder {root} is a file, not a folder; pass --runs-dir DIR or set STUDIO_RUNS_DIR")
-    for parent in root.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ConfigError(f"runs folder {root}: {parent} is a file, not a folder; pass --runs-dir DIR")
-
-
 def follow(run_dir: Path) -> int:
     """Follow a run with a progress bar; Ctrl-C asks the run to stop and waits for it."""
-    from . import runs
+    from studio import runs
 
     bar = ProgressLine(sys.stderr)
     try:
@@ -213,7 +171,7 @@ class ProgressLine:
 
 
 def cmd_runs(a) -> int:
-    from . import runs
+    from studio import runs
 
     listed = runs.list_runs(a.runs_dir)
     if a.json:
@@ -233,7 +191,7 @@ def cmd_runs(a) -> int:
 
 
 def cmd_stop(a) -> int:
-    from . import runs
+    from studio import runs
 
     d = Path(a.run_dir)
     if not (d / runs.CONFIG).is_file():
@@ -246,7 +204,7 @@ def cmd_stop(a) -> int:
 # --- merge ---------------------------------------------------------------------------------
 
 def cmd_merge(a) -> int:
-    from . import merge
+    from studio.export import merge
 
     def progress(done: int, total: int, what: str) -> None:
         if sys.stderr.isatty():
@@ -280,7 +238,7 @@ def cmd_merge(a) -> int:
 # --- analyze -------------------------------------------------------------------------------
 
 def cmd_analyze(a) -> int:
-    from . import analysis
+    from studio import analysis
 
     if a.analysis == "subspace":
         out = analysis.subspace_similarity(a.run_a, a.run_b, module=a.module, which=a.which)
@@ -321,8 +279,8 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from .generate import Playground
-    from .shards import pickled_adapter_reason
+    from studio.models.shards import pickled_adapter_reason
+    from studio.playground import Playground
 
     reason = pickled_adapter_reason(Path(a.run_dir) / "adapter")  # PEFT would torch.load a pickle-only adapter
     if reason:
@@ -345,7 +303,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from .ui.app import launch, parse_auth
+    from studio.ui.app import launch, parse_auth
 
     try:
         parse_auth(a.auth)

@@ -1,43 +1,22 @@
-"""LoRA targets and trainable-parameter counts, with PEFT's own rules.
+"""Trainable-parameter counts, exactly as PEFT will count them, without building a PEFT model.
 
-Matching goes through PEFT's `check_target_module_exists` and `get_pattern_key`, so the set of
-adapted modules is PEFT's by construction. The count is analytic: a sum over matched modules of
-r_m * (in_m + out_m) plus DoRA magnitudes, trainable biases and modules_to_save copies, read
-from a `ModelTree`. It equals `PeftModel.get_nb_trainable_parameters()` without building one,
-which matters when the model is a 405B config explored on the meta device.
+The count is analytic: a sum over matched modules of r_m * (in_m + out_m) plus DoRA magnitudes,
+trainable biases and modules_to_save copies, read from a `ModelTree`. It equals
+`PeftModel.get_nb_trainable_parameters()` without building one, which matters when the model is a
+405B config explored on the meta device. The cost explorer (rank x target set) lives here too.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import asdict, dataclass, field
 
-from peft import LoraConfig, TaskType
-from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
-from .config import ConfigError, LoraSettings
-from .tree import ModelTree
-
-TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS}
-# PeftModelForSequenceClassification adds these to modules_to_save: a fresh head must train.
-SEQ_CLS_MODULES_TO_SAVE = ["classifier", "score"]
-ALL_LINEAR = "all-linear"
-
-
-class TargetError(ConfigError):
-    """Targets that match nothing, or match modules LoRA cannot wrap."""
-
-
-@dataclass
-class Resolution:
-    matched: list[str]  # module paths that get adapters, in model order
-    unmatched_targets: list[str]  # requested names that matched no module
-    suggestions: dict[str, list[str]]  # unmatched target -> closest real names
-    unsupported: list[str]  # matched paths whose class LoRA cannot wrap
-    modules_to_save: list[str]  # paths trained in full (copies)
-    conflicts: list[str] = field(default_factory=list)  # paths both adapted and in modules_to_save
+from studio.config import LoraSettings
+from studio.errors import TargetError
+from studio.lora.targets import ALL_LINEAR, Resolution, build_lora_config, resolve_targets
+from studio.models.tree import ModelTree
 
 
 @dataclass
@@ -57,85 +36,6 @@ class Count:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def peft_config(settings: LoraSettings, task: str = "causal_lm", inference_mode: bool = False) -> LoraConfig:
-    """The LoraConfig PEFT will use; modules_to_save as PEFT completes it for the task."""
-    mts = list(settings.modules_to_save) if settings.modules_to_save else None
-    if task == "seq_cls":
-        mts = (mts or []) + [m for m in SEQ_CLS_MODULES_TO_SAVE if m not in (mts or [])]
-    try:
-        return LoraConfig(
-            r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-            target_modules=settings.target_list(), layers_to_transform=settings.layers_to_transform,
-            layers_pattern=settings.layers_pattern, exclude_modules=settings.exclude_modules,
-            rank_pattern=dict(settings.rank_pattern), alpha_pattern=dict(settings.alpha_pattern),
-            bias=settings.bias, modules_to_save=mts, use_rslora=settings.use_rslora, use_dora=settings.use_dora,
-            task_type=TASK_TYPES[task], inference_mode=inference_mode,
-        )
-    except ValueError as e:  # PEFT's own consistency checks, e.g. layers_pattern without layers_to_transform
-        raise ConfigError(f"lora: {e}") from None
-
-
-def build_lora_config(settings: LoraSettings, task: str = "causal_lm") -> LoraConfig:
-    """The config handed to `get_peft_model`: modules_to_save as the user gave it (PEFT adds the head)."""
-    cfg = peft_config(settings, task)
-    cfg.modules_to_save = list(settings.modules_to_save) if settings.modules_to_save else None
-    return cfg
-
-
-def resolve_targets(tree: ModelTree, settings: LoraSettings) -> Resolution:
-    cfg = peft_config(settings, tree.task)
-    if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == ALL_LINEAR:
-        cfg.target_modules = set(tree.all_linear)
-    else:
-        _check_regex(cfg.target_modules, "lora.target_modules")
-        _check_regex(cfg.exclude_modules, "lora.exclude_modules")
-    matched, unsupported = [], []
-    for m in tree.modules:
-        if not m.path:
-            continue
-        hit = check_target_module_exists(cfg, m.path)
-        if hit and hit.__class__.__name__ != "_ExcludedModule":
-            (matched if m.lora_targetable else unsupported).append(m.path)
-    unmatched = _unmatched(settings.target_modules, matched)
-    mts = _modules_to_save(tree, cfg.modules_to_save or [])
-    # PEFT excludes modules_to_save from LoRA by a dotted-name regex but wraps them by a plain
-    # suffix, so e.g. DistilBERT's pre_classifier ends up in both and get_peft_model fails.
-    conflicts = sorted(set(mts) & set(matched))
-    return Resolution(matched, unmatched, {t: suggest(tree, t) for t in unmatched}, unsupported, mts, conflicts)
-
-
-def _check_regex(value, name: str) -> None:
-    if isinstance(value, str) and value.lower() != ALL_LINEAR:
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise TargetError(f"{name}: {value!r} is not a valid regular expression ({e})") from None
-
-
-def _unmatched(requested, matched: list[str]) -> list[str]:
-    """Requested names that account for no adapted module (a silent non-match trains nothing)."""
-    if isinstance(requested, str):
-        return [] if matched else [requested]
-    return [t for t in requested if not any(p == t or p.endswith("." + t) for p in matched)]
-
-
-def _modules_to_save(tree: ModelTree, names: list[str]) -> list[str]:
-    # PEFT's _set_trainable: a plain endswith (no dot), over all module names.
-    if not names:
-        return []
-    return [m.path for m in tree.modules if m.path and any(m.path.endswith(n) for n in names)]
-
-
-def suggest(tree: ModelTree, target: str, n: int = 3) -> list[str]:
-    """Closest real names: LoRA-able leaf names first, then any module path."""
-    leaves = tree.targetable_types()
-    hits = difflib.get_close_matches(target, leaves, n=n, cutoff=0.4)
-    if len(hits) < n:
-        paths = [m.path for m in tree.modules if m.lora_targetable]
-        hits += [p for p in difflib.get_close_matches(target, paths, n=n, cutoff=0.4) if p not in hits]
-    return hits[:n] or leaves[:n]
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -298,7 +198,7 @@ def sweep(tree: ModelTree, base: LoraSettings, ranks=SWEEP_RANKS) -> list[dict]:
 
 
 def render_sweep(rows: list[dict]) -> str:
-    from .tree import human
+    from studio.models.tree import human
 
     sets = list(dict.fromkeys(r["targets"] for r in rows))
     ranks = sorted({r["r"] for r in rows})
@@ -312,26 +212,3 @@ def render_sweep(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def compact_targets(tree: ModelTree, paths, allow_string: bool = True) -> list[str] | str:
-    """The shortest PEFT target_modules that selects exactly `paths` (a set of module paths).
-
-    Leaf names (q_proj) when every module so named is selected, then longer dotted suffixes
-    (attn.c_proj vs mlp.c_proj), then full paths: the result matches `paths` and nothing else.
-    """
-    chosen = set(paths)
-    if not chosen:
-        return []
-    if allow_string and chosen == set(tree.all_linear):
-        return ALL_LINEAR
-    names = [m.path for m in tree.modules if m.path]
-    out: list[str] = []
-    left = set(chosen)
-    depth = 1
-    while left and depth <= 4:
-        for suffix in sorted({".".join(p.split(".")[-depth:]) for p in left}):
-            covered = {n for n in names if n == suffix or n.endswith("." + suffix)}
-            if covered and covered <= chosen and covered & left:
-                out.append(suffix)
-                left -= covered
-        depth += 1
-    return out + sorted(left, key=names.index)

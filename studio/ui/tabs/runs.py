@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import runs
-from ..config import ConfigError
-from .charts import loss_figure
+from studio import runs
+from studio.errors import StudioError
+from studio.ui.widgets.charts import loss_figure
 
 COLUMNS = ["id", "state", "steps", "final loss", "eval loss", "duration", "trainable", "targets", "r / alpha",
            "model"]
@@ -66,7 +66,7 @@ def overlay(runs_dir: Path, ids: list[str]):
 def resume(runs_dir: Path, run_id: str) -> str:
     try:
         runs.resume_run(run_folder(runs_dir, run_id))
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     return f"Resumed **{run_id}** from its last complete checkpoint; follow it on the Train tab."
 
@@ -74,7 +74,7 @@ def resume(runs_dir: Path, run_id: str) -> str:
 def delete(runs_dir: Path, run_id: str) -> str:
     try:
         runs.delete_run(run_folder(runs_dir, run_id))
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     return f"Deleted **{run_id}**."
 

@@ -11,13 +11,11 @@ import json
 import os
 import sys
 
-from .config import ConfigError, LoraSettings, parse_layers
+from studio.config import LoraSettings, parse_layers
+from studio.errors import StudioError, UsageError
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-
-class UsageError(ConfigError):
-    pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--trust-remote-code", action="store_true")
 
-    from .cli_runs import add_parsers
+    from studio.cli.runs import add_parsers
 
     add_parsers(sub)
     return p
@@ -99,7 +97,7 @@ def lora_settings_from_args(a) -> LoraSettings:
 
 
 def cmd_tree(a) -> int:
-    from .tree import model_tree, render
+    from studio.models.tree import model_tree, render
 
     tree = model_tree(a.model, a.task, a.trust_remote_code)
     if a.json:
@@ -110,8 +108,8 @@ def cmd_tree(a) -> int:
 
 
 def cmd_count(a) -> int:
-    from . import lora
-    from .tree import human, model_tree
+    from studio import lora
+    from studio.models.tree import human, model_tree
 
     settings = lora_settings_from_args(a)
     tree = model_tree(a.model, a.task, a.trust_remote_code)
@@ -140,7 +138,7 @@ def _print_json(obj) -> None:
 
 
 def _commands() -> dict:
-    from .cli_runs import COMMANDS as ENGINE
+    from studio.cli.runs import COMMANDS as ENGINE
 
     return {"tree": cmd_tree, "count": cmd_count, **ENGINE}
 
@@ -158,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _commands()[args.cmd](args)
-    except ConfigError as e:
+    except StudioError as e:
         print(f"studio {args.cmd}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -70,7 +70,7 @@ class Series:
         return [p for p in (self.train, self.smooth, self.evals, self.lr) if p]
 
     @classmethod
-    def of(cls, rows: list[dict]) -> "Series":
+    def of(cls, rows: list[dict]) -> Series:
         s = cls()
         s.extend(rows)
         return s

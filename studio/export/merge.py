@@ -21,17 +21,18 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import torch
 
-from . import shards
-from .config import load_config
-from .export import TOKENIZER_FILES, export_adapter_zip, export_merged_zip  # noqa: F401  (re-exported API)
-from .merge_plan import Entry, LoraUpdate, MergeError, Plan, make_plan
+from studio.config import load_config
+from studio.errors import MergeError
+from studio.export.plan import Entry, LoraUpdate, Plan, make_plan
+from studio.export.zips import TOKENIZER_FILES, export_adapter_zip, export_merged_zip
+from studio.models import shards
 
 Progress = Callable[[int, int, str], None]
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
@@ -108,7 +109,7 @@ def merge(base_dir, adapter_dir, out_dir, *, dtype: str = "float32", verify: boo
             peak_rss_mb=round(peak_rss / 2**20, 1), dtype=dtype, size_mb=round(total_bytes / 2**20, 2),
             untied_embeddings=plan.untie, task_type=plan.task_type)
         if verify:
-            from .merge_verify import verify_merge
+            from studio.export.verify import verify_merge
 
             n = len(plan.entries)
             if progress:
@@ -128,7 +129,7 @@ def merge(base_dir, adapter_dir, out_dir, *, dtype: str = "float32", verify: boo
 def merge_run(run_dir, out=None, dtype: str = "float32", verify: bool = False, progress: Progress | None = None,
               *, overwrite: bool = False) -> MergeReport:
     """Merge a run's final adapter (RUN_DIR/adapter) into its base model; default out RUN_DIR/merged."""
-    from .models import model_dir  # the models layer resolves built-in names, folders and Hub ids
+    from studio.models.registry import model_dir  # the models layer resolves built-in names, folders and Hub ids
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")

@@ -12,10 +12,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import runs
-from ..config import SCHEDULERS, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, field_help
-from . import live
-from .model_tab import selection
+from studio import runs
+from studio.config import SCHEDULERS, DataConfig, ModelConfig, RunConfig, TrainConfig, field_help
+from studio.errors import ConfigError, StudioError
+from studio.ui import live
+from studio.ui.tabs.model import selection
 
 TRAIN_HELP = field_help(TrainConfig)
 FINAL = set(runs.FINAL_STATES)
@@ -24,7 +25,7 @@ FINAL = set(runs.FINAL_STATES)
 def build_config(model_state: dict, lora_values: list, data_values: list, train_values: list) -> RunConfig:
     """Widget values -> a validated RunConfig (raises ConfigError naming the field)."""
     if model_state.get("explore_only"):
-        from ..shards import pickled_files
+        from studio.models.shards import pickled_files
 
         ref = model_state.get("ref")
         pickled = pickled_files(Path(str(ref))) if ref else []
@@ -35,7 +36,7 @@ def build_config(model_state: dict, lora_values: list, data_values: list, train_
     sel = selection(model_state, *lora_values)
     if sel.error:
         raise ConfigError(sel.error)
-    from .. import lora
+    from studio import lora
 
     lora.check(sel.tree, sel.settings)  # targets that match nothing never reach a trainer
     path, fmt, eval_fraction, max_length, packing, train_on_prompt = data_values
@@ -71,12 +72,12 @@ def start(runs_dir: Path, model_state: dict, lora_values: list, data_values: lis
     """Start a run; returns the live view's value for it. Refusals raise gr.Error with the reason."""
     try:
         cfg = build_config(model_state, lora_values, data_values, train_values)
-        from .. import data
+        from studio import data
 
         data.load_records(cfg.data.path, cfg.data.format)  # bad data is refused before a process starts
         run_dir = runs.start_run(cfg, runs_dir)
         live.forget_active(runs_dir)
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     except OSError as e:  # a full disk, a runs folder that is a file or read-only: the server stays up
         raise gr.Error(os_error_message(e, f"cannot write the runs folder {runs_dir}"), print_exception=False) from None
@@ -121,7 +122,7 @@ def stop(root: Path, live: dict | None) -> None:
         raise gr.Error("no run to stop", print_exception=False)
     try:
         runs.stop_run(root / run)
-    except ConfigError as e:
+    except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
 
 

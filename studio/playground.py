@@ -22,15 +22,16 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from . import runs
-from .config import ConfigError, RunConfig, load_config
-from .data import PadCollator, alpaca_prompt, build_datasets, chat_prompt, load_records
-from .models import load_model, load_tokenizer, resolve
+from studio import runs
+from studio.config import RunConfig, load_config
+from studio.data.prepare import PadCollator, alpaca_prompt, build_datasets, chat_prompt, load_records
+from studio.errors import PlaygroundError, StudioError
+from studio.models.registry import load_model, load_tokenizer, resolve
 
 TEMPLATES = ("auto", "alpaca", "chat", "none")
 # The trained data format -> the prompt template that reproduces its text.
@@ -42,9 +43,6 @@ SIDE_BY_SIDE_CHUNK = 4  # tokens per turn: each turn may switch the adapter (a w
 CLASSIFY_BATCH = 32
 _MAX_LOOKUP_ROWS = 50_000  # beyond this, example texts are decoded from tokens instead of looked up
 
-
-class PlaygroundError(ConfigError):
-    """The playground cannot do what was asked; one line saying why."""
 
 
 class Playground:
@@ -75,7 +73,7 @@ class Playground:
     # --- construction -----------------------------------------------------------------------
 
     @classmethod
-    def for_run(cls, run_dir, *, cache: bool = True) -> "Playground":
+    def for_run(cls, run_dir, *, cache: bool = True) -> Playground:
         """The playground of a run: its base model with adapter/ (or its last complete checkpoint)."""
         run_dir = Path(run_dir).resolve()
         if not (run_dir / runs.CONFIG).is_file():
@@ -83,22 +81,22 @@ class Playground:
         adapter, source = _adapter_dir(run_dir)
         weights = next(iter(sorted(adapter.glob("adapter_model.*"))), adapter / "adapter_config.json")
         key = ("run", str(run_dir), str(adapter), weights.stat().st_mtime_ns)
-        make = lambda: cls._load_run(run_dir, adapter, source)  # noqa: E731
+        make = lambda: cls._load_run(run_dir, adapter, source)
         return _cached(key, make) if cache else make()
 
     @classmethod
     def for_base(cls, ref: str, task: str = "causal_lm", *, id2label: dict | None = None, dtype: str = "auto",
-                 cache: bool = True) -> "Playground":
+                 cache: bool = True) -> Playground:
         """A playground of the base model alone (no adapter: only adapter=False calls work)."""
         if task not in ("causal_lm", "seq_cls"):
             raise PlaygroundError(f"task {task!r} is not one of: causal_lm, seq_cls")
         labels = tuple(sorted((int(k), str(v)) for k, v in (id2label or {}).items()))
         key = ("base", ref, task, labels, dtype)
-        make = lambda: cls._load_base(ref, task, id2label, dtype)  # noqa: E731
+        make = lambda: cls._load_base(ref, task, id2label, dtype)
         return _cached(key, make) if cache else make()
 
     @classmethod
-    def _load_base(cls, ref, task, id2label, dtype) -> "Playground":
+    def _load_base(cls, ref, task, id2label, dtype) -> Playground:
         t0 = time.perf_counter()
         model, tok = _base_model(ref, task, id2label, dtype, seed=0)
         if task == "seq_cls" and not id2label:
@@ -106,12 +104,12 @@ class Playground:
         return cls(model, tok, task=task, ref=ref, id2label=id2label, load_s=time.perf_counter() - t0)
 
     @classmethod
-    def _load_run(cls, run_dir: Path, adapter: Path, source: str) -> "Playground":
+    def _load_run(cls, run_dir: Path, adapter: Path, source: str) -> Playground:
         from peft import PeftModel
 
         try:
             cfg = load_config(run_dir / runs.CONFIG)
-        except ConfigError as e:
+        except StudioError as e:
             raise PlaygroundError(str(e).splitlines()[0]) from None
         m = cfg.model
         t0 = time.perf_counter()
@@ -318,7 +316,7 @@ class Playground:
             try:
                 prep = build_datasets(self.cfg, self.tokenizer)
                 d = load_records(self.cfg.data.path, self.cfg.data.format)
-            except ConfigError as e:
+            except StudioError as e:
                 raise PlaygroundError(_first_line(e)) from None
             ds, split = (prep.eval, "eval") if prep.eval is not None and len(prep.eval) else (prep.train, "train")
             lookup = {}
@@ -369,7 +367,7 @@ def _base_model(ref: str, task: str, id2label: dict | None, dtype: str, seed: in
             torch.manual_seed(seed)
             model = load_model(ref, task, num_labels=len(id2label) if id2label else None, id2label=id2label,
                                dtype=dtype, trust_remote_code=trust_remote_code)
-    except ConfigError as e:
+    except StudioError as e:
         raise e if isinstance(e, PlaygroundError) else PlaygroundError(_first_line(e)) from None
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id  # sequence classifiers find the last token by it
@@ -404,7 +402,7 @@ def _run_labels(cfg: RunConfig, adapter: Path) -> dict[int, str]:
             return {int(k): str(v) for k, v in i2l.items()}
     try:
         labels = load_records(cfg.data.path, cfg.data.format).labels
-    except ConfigError:
+    except StudioError:
         labels = None
     if labels:
         return {i: str(x) for i, x in enumerate(labels)}
@@ -435,7 +433,7 @@ def _run_template(run_dir: Path, cfg: RunConfig) -> str:
     if fmt is None:
         try:
             fmt = load_records(cfg.data.path, "auto").format
-        except ConfigError:
+        except StudioError:
             fmt = "text"
     return FORMAT_TEMPLATES.get(fmt, "none")
 

@@ -1,0 +1,1 @@
+"""Merging adapters into their base, verifying merges, and zips for download."""

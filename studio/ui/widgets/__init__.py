@@ -1,0 +1,1 @@
+"""Components and charts shared by the tabs."""
