@@ -89,7 +89,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from studio import runs  # noqa: E402
 from studio.config import RunConfig, load_config  # noqa: E402
-from studio.errors import ConfigError, StudioError  # noqa: E402
+from studio.errors import StudioError  # noqa: E402
 
 NAN_HOOK_ENV = "STUDIO_INJECT_NAN_AT_STEP"
 # Trainer's own files in a checkpoint; everything else there (adapter, tokenizer) is the adapter.
