@@ -24,7 +24,7 @@ from studio.errors import ConfigError
 
 TASKS = ("causal_lm", "seq_cls")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DATA_FORMATS = ("auto", "alpaca", "messages", "text", "classification")
+DATA_FORMATS = ("auto", "alpaca", "messages", "completion", "text", "classification")
 BIAS_MODES = ("none", "all", "lora_only")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
@@ -53,7 +53,9 @@ class DataConfig:
     path: str = "assets/datasets/instructions.jsonl"
     """Dataset file (jsonl, json, csv, parquet, txt), a folder saved with datasets, or a Hub dataset id."""
     format: str = "auto"
-    """alpaca, messages, text or classification; auto detects it from the columns."""
+    """alpaca, messages (also ShareGPT), completion (prompt/completion), text or classification; auto detects it from the columns."""
+    columns: dict = field(default_factory=dict)
+    """Which of the file's columns holds each field, when the names differ: {instruction: question, output: answer}, {text: review, label: stars}."""
     eval_fraction: float = 0.1
     """Share of the examples held out for evaluation (0 turns evaluation off)."""
     max_length: int = 256
@@ -65,6 +67,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _check_choice("data.format", self.format, DATA_FORMATS)
+        if not isinstance(self.columns, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in self.columns.items()):
+            raise ConfigError(f"data.columns must map field names to column names, got {self.columns!r}")
         if not str(self.path).strip():
             raise ConfigError("data.path is empty; give a dataset file, folder or Hub id")
         _check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.9, hi_open=False)
@@ -234,6 +239,40 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig}
+
+
+# --- starter settings per built-in model -------------------------------------------------
+# What a model starts with in the UI: the dataclass defaults above with these overrides, in the
+# YAML config's own shape (section -> field -> value). A model not listed starts with the plain
+# defaults. To add a model, add an entry; `starter_config` checks it like any config file.
+STARTERS: dict[str, dict[str, dict[str, Any]]] = {
+    # Random-init: with the output head frozen at its random init the loss cannot fall far, so
+    # every linear layer and the head get adapters, and a 10x larger rate halves the loss in 100 steps.
+    "tiny-llama": {
+        "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                    "lm_head"]},
+        "train": {"learning_rate": 2.0e-3, "max_steps": 100},
+    },
+    "tiny-gpt2": {
+        "lora": {"target_modules": ["c_attn", "c_proj", "c_fc", "lm_head"]},
+        "train": {"learning_rate": 2.0e-3, "max_steps": 100},
+    },
+    # examples/minilm-sentiment.yaml: 100% eval accuracy on sentiment.jsonl in 90 steps (docs/benchmarks.md).
+    "minilm-l6": {
+        "model": {"task": "seq_cls"},
+        "data": {"eval_fraction": 0.2, "max_length": 128},
+        "lora": {"target_modules": ["query", "value"]},
+        "train": {"learning_rate": 1.0e-3, "max_steps": 90, "per_device_train_batch_size": 16, "eval_steps": 30,
+                  "save_steps": 90},
+    },
+}
+
+
+def starter_config(ref: str) -> RunConfig:
+    """The RunConfig model `ref` starts with: the defaults, with its STARTERS entry if it has one."""
+    raw: dict[str, dict[str, Any]] = {name: dict(sec) for name, sec in STARTERS.get(ref, {}).items()}
+    raw.setdefault("model", {})["name_or_path"] = ref
+    return RunConfig.from_dict(raw, source=f"starter settings of {ref}")
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

@@ -404,3 +404,84 @@ def test_builtin_datasets_load_and_are_detected():
     p = build_datasets(RunConfig.from_dict({"data": {"path": "assets/datasets/instructions.jsonl"}}), byte_tokenizer())
     assert p.format == "alpaca" and p.packed and len(p.train) > 100 and p.eval_examples == round(0.1 * ins["rows"])
     assert {len(x) for x in p.train["input_ids"]} == {256}
+
+
+# --- the formats people have (ShareGPT, TRL prompt/completion, column mapping) -----------------
+
+def test_sharegpt_conversations_load_as_messages(tmp_path, tok):
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"}]
+    path = write_jsonl(tmp_path / "share.jsonl", [{"conversations": conv, "id": "x"}] * 3)
+    d = load_records(str(path))
+    assert d.format == "messages" and "ShareGPT" in d.reason
+    assert d.dataset[0]["messages"] == [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    row = build_datasets(cfg_for(path, max_length=256), tok).train[0]
+    assert [t for t in row["labels"] if t != IGNORE] == list(b"Hello\n") + [EOS]
+
+
+def test_sharegpt_unknown_speaker_names_line_and_allowed(tmp_path):
+    path = write_jsonl(tmp_path / "share.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
+                                                                     {"from": "robot", "value": "Yo"}]}])
+    with pytest.raises(DataError, match=r"share\.jsonl:1: conversations\[1\]\.from is 'robot'; allowed: .*human.*gpt"):
+        load_records(str(path))
+
+
+def test_trl_prompt_completion_trains_the_completion_only(tmp_path, tok):
+    rows = [{"prompt": "The sky is", "completion": " blue."}] * 3
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    d = load_records(str(path))
+    assert d.format == "completion", d.reason
+    row = build_datasets(cfg_for(path), tok).train[0]
+    assert row["input_ids"] == list(b"The sky is blue.") + [EOS]
+    assert row["labels"] == [IGNORE] * len("The sky is") + list(b" blue.") + [EOS]
+
+
+def test_conversational_prompt_completion_trains_only_the_completion_turns(tmp_path, tok):
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+              {"role": "user", "content": "Bye"}]
+    completion = [{"role": "assistant", "content": "Ciao"}]
+    path = write_jsonl(tmp_path / "cpc.jsonl", [{"prompt": prompt, "completion": completion}] * 3)
+    d = load_records(str(path))
+    assert d.format == "messages" and "conversational prompt/completion" in d.reason
+    row = build_datasets(cfg_for(path, max_length=256), tok).train[0]
+    assert bytes(row["input_ids"][:-1]).decode() == chat_prompt(tok, prompt + completion, add_generation_prompt=False)
+    assert [t for t in row["labels"] if t != IGNORE] == list(b"Ciao\n") + [EOS]  # not the prompt's "Hello"
+
+
+def test_openai_messages_with_a_system_turn(tmp_path):
+    conv = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}]
+    d = load_records(str(write_jsonl(tmp_path / "oa.jsonl", [{"messages": conv}] * 2)))
+    assert d.format == "messages" and d.dataset[0]["messages"][0]["role"] == "system"
+
+
+def test_undetectable_columns_suggest_a_mapping_and_the_mapping_works(tmp_path, tok):
+    rows = [{"question": f"Add one to {i}.", "answer": str(i + 1)} for i in range(6)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    with pytest.raises(DataError, match=r"cannot tell the format from columns question, answer; .*data\.columns"):
+        load_records(str(path))
+    d = load_records(str(path), "auto", {"instruction": "question", "output": "answer"})
+    assert d.format == "alpaca"
+    cfg = cfg_for(path, columns={"instruction": "question", "output": "answer"})
+    assert cfg.data.columns == {"instruction": "question", "output": "answer"}  # kept in the run's config
+    row = build_datasets(cfg, tok).train[0]
+    assert [t for t in row["labels"] if t != IGNORE] == list(b"1") + [EOS]
+    reread = RunConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
+    assert reread.data.columns == cfg.data.columns
+
+
+def test_column_mapping_mistakes_are_named(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "a", "answer": "b"}] * 2)
+    with pytest.raises(DataError, match=r"qa\.jsonl: data\.columns\.output = 'reply' is not a column; its columns: question, answer"):
+        load_records(str(path), "auto", {"instruction": "question", "output": "reply"})
+    with pytest.raises(DataError, match=r"data\.columns: 'query' is not a field; allowed: instruction"):
+        load_records(str(path), "auto", {"query": "question"})
+
+
+def test_jsonl_error_at_the_end_of_a_line_reports_its_column(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    line = '{"instruction": "a", "output": "b"'  # the closing brace is missing: the error is at column 35
+    path.write_text(line + "\n")
+    with pytest.raises(DataError, match=rf"cut\.jsonl:1: invalid JSON: .* at column {len(line) + 1}$"):
+        load_records(str(path))

@@ -47,9 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--trust-remote-code", action="store_true")
 
+    from studio.cli.evaluate import add_parser as add_eval_parser
+    from studio.cli.export import add_parser as add_export_parser
     from studio.cli.runs import add_parsers
 
     add_parsers(sub)
+    add_eval_parser(sub)
+    add_export_parser(sub)
     return p
 
 
@@ -138,12 +142,32 @@ def _print_json(obj) -> None:
 
 
 def _commands() -> dict:
+    from studio.cli.evaluate import COMMANDS as EVAL
+    from studio.cli.export import COMMANDS as EXPORT
     from studio.cli.runs import COMMANDS as ENGINE
 
-    return {"tree": cmd_tree, "count": cmd_count, **ENGINE}
+    return {"tree": cmd_tree, "count": cmd_count, **ENGINE, **EVAL, **EXPORT}
+
+
+def _conversion_progress():
+    """A .gguf model's one-time conversion takes tens of seconds: say so on stderr, when a person watches."""
+    from studio.models import gguf
+
+    if not sys.stderr.isatty():
+        return gguf.reporting(None)
+    shown = set()
+
+    def line(fraction: float, message: str) -> None:
+        step = round(fraction * 10)  # one line per tenth: whole lines, so an error after it starts on its own
+        if step not in shown:
+            shown.add(step)
+            print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+    return gguf.reporting(line)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -153,9 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     if "datasets" in sys.modules:  # imported already (in-process callers): the variable is read at import
         sys.modules["datasets"].disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    # bitsandbytes (when installed) warns on import that it cannot download an optional CPU kernel:
+    # noise that would turn a one-line error into two.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     try:
-        return _commands()[args.cmd](args)
+        with _conversion_progress():
+            return _commands()[args.cmd](args)
     except StudioError as e:
         print(f"studio {args.cmd}: {e}", file=sys.stderr)
         return 2

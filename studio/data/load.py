@@ -1,4 +1,4 @@
-"""Loading and checking dataset files: the first half of the data layer (data.py is the rest).
+"""Loading and checking dataset files: the first half of the data layer (prepare.py is the rest).
 
 Sources: .jsonl, .json (a list of objects, or an object holding one such list, e.g.
 {"data": [...]}), .csv, .tsv, .parquet, .txt (one example per non-blank line), a folder written
@@ -26,12 +26,20 @@ import pyarrow.compute as pc
 
 from studio.errors import DataError
 
-FORMATS = ("alpaca", "messages", "text", "classification")
+FORMATS = ("alpaca", "messages", "completion", "text", "classification")
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".txt": "txt"}
 TEXT_COLUMNS = ("text", "sentence")
 LABEL_COLUMNS = ("label", "labels")
 ROLES = ("system", "user", "assistant")
+# ShareGPT's speaker names (`conversations: [{from, value}]`) and the roles they mean.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
+# A conversational prompt/completion row becomes `messages`; this column says where the
+# completion starts, so only the completion's assistant turns carry loss (as TRL trains them).
+COMPLETION_START = "completion_start"
+# The fields `data.columns` may map a column of the file onto, per format.
+FIELDS = ("instruction", "input", "output", "messages", "prompt", "completion", "text", "label")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "datasets"  # package data
 # One example (a line of JSONL/TXT/CSV, or one text value) may hold at most this much. Longer
 # ones are almost always a file without line breaks or a misplaced blob; real documents this long
@@ -57,21 +65,44 @@ class LoadedData:
 
 # --- loading ------------------------------------------------------------------------------
 
-def load_records(path: str, fmt: str = "auto") -> LoadedData:
-    """Load and check a dataset; detect (or check the forced) format. Raises DataError."""
+def load_records(path: str, fmt: str = "auto", columns: dict | None = None) -> LoadedData:
+    """Load and check a dataset; detect (or check the forced) format. Raises DataError.
+
+    `columns` maps the fields a format needs onto the file's own column names
+    ({"instruction": "question", "output": "answer"}); ShareGPT conversations and TRL's
+    conversational prompt/completion rows are turned into `messages`.
+    """
     if fmt not in ("auto",) + FORMATS:
         raise DataError(f"data.format = {fmt!r} is not one of: auto, {', '.join(FORMATS)}")
     ds, name, locate = _load_source(str(path))
     if len(ds) == 0:
         raise DataError(f"{name}: no examples (columns found: {', '.join(ds.column_names) or 'none'})")
+    ds = _map_columns(ds, columns or {}, name)
+    ds, converted = _normalize(ds, locate)
     cols = list(ds.column_names)
     text_col = next((c for c in TEXT_COLUMNS if c in cols), None)
     label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
     fmt, reason = _detect(name, cols, fmt, text_col, label_col)
+    if converted:
+        reason = f"{converted} -> {fmt}"
     out = LoadedData(ds, fmt, reason, cols, len(ds), None, text_col, label_col, name, locate)
     _check_sizes(out)
     out.labels = _check(out)
     return out
+
+
+def load_config_data(dc) -> LoadedData:
+    """The dataset a run's DataConfig names, with its format and column mapping."""
+    return load_records(dc.path, dc.format, dc.columns)
+
+
+def check_task(d: LoadedData, task: str) -> None:
+    """A causal LM trains on text, a classifier on text + label: refuse the other pairings."""
+    if task == "seq_cls" and d.format != "classification":
+        raise DataError(f"{d.source}: model.task seq_cls needs text + label columns, but {d.reason}")
+    if task == "causal_lm" and d.format == "classification":
+        raise DataError(f"{d.source}: {d.reason}, which needs model.task seq_cls; or set data.format: text "
+                        "to train a language model on the text alone")
 
 
 def _check_sizes(d: LoadedData) -> None:
@@ -133,10 +164,12 @@ def _load_source(path: str) -> tuple[datasets.Dataset, str, Callable[[int], str]
         for lineno, text in _lines(p, path):
             if not text.strip():
                 continue
+            line = text.rstrip("\r\n")  # so an error at the end of the line is not reported at column 1 of the next
             try:
-                obj = json.loads(text)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+                col = e.colno if e.lineno == 1 else e.pos + 1
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {col}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object like {{\"text\": ...}}, got {_jtype(obj)}")
             rows.append(obj)
@@ -269,9 +302,76 @@ def _clip(v: Any, n: int = 40) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+# --- the formats people have ---------------------------------------------------------------
+
+def _map_columns(ds: datasets.Dataset, columns: dict, name: str) -> datasets.Dataset:
+    """Rename the file's columns to the fields the formats use, as data.columns says."""
+    if not isinstance(columns, dict):
+        raise DataError(f"data.columns must map fields to column names, e.g. {{instruction: question}}; got {columns!r}")
+    have = list(ds.column_names)
+    rename = {}
+    for want, col in columns.items():
+        if want not in FIELDS:
+            raise DataError(f"data.columns: {want!r} is not a field; allowed: {', '.join(FIELDS)}")
+        if col not in have:
+            raise DataError(f"{name}: data.columns.{want} = {col!r} is not a column; its columns: {', '.join(have)}")
+        if col != want:
+            rename[col] = want
+    clash = [w for w in rename.values() if w in have and w not in rename]
+    if clash:
+        ds = ds.remove_columns(clash)  # the mapped column replaces a same-named one
+    return ds.rename_columns(rename) if rename else ds
+
+
+def _normalize(ds: datasets.Dataset, locate: Callable[[int], str]) -> tuple[datasets.Dataset, str | None]:
+    """ShareGPT and conversational prompt/completion rows -> `messages`; others unchanged.
+
+    Returns the dataset and, when it was converted, how (for the detection reason)."""
+    cols = ds.column_names
+    if "conversations" in cols and "messages" not in cols:
+        msgs = [_from_sharegpt(conv, locate(i)) for i, conv in enumerate(ds["conversations"])]
+        return _replace(ds, ["conversations"], {"messages": msgs}), "column conversations (ShareGPT from/value turns)"
+    if "prompt" in cols and "completion" in cols and "messages" not in cols:
+        first_p, first_c = ds[0]["prompt"], ds[0]["completion"]
+        if isinstance(first_p, list) and isinstance(first_c, list):
+            msgs, starts = [], []
+            for i, (p, c) in enumerate(zip(ds["prompt"], ds["completion"])):
+                if not isinstance(p, list) or not isinstance(c, list):
+                    raise DataError(f"{locate(i)}: prompt and completion must both be lists of {{role, content}} "
+                                    "in a conversational prompt/completion dataset")
+                msgs.append(list(p) + list(c))
+                starts.append(len(p))
+            return (_replace(ds, ["prompt", "completion"], {"messages": msgs, COMPLETION_START: starts}),
+                    "columns prompt, completion (conversational prompt/completion)")
+    return ds, None
+
+
+def _replace(ds: datasets.Dataset, drop: list[str], new: dict[str, list]) -> datasets.Dataset:
+    # Built anew rather than with remove_columns + add_column: a table left with no column has no rows.
+    keep = {c: ds[c] for c in ds.column_names if c not in drop}
+    return datasets.Dataset.from_dict({**keep, **new})
+
+
+def _from_sharegpt(conv: Any, where: str) -> list[dict]:
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: conversations must be a non-empty list of {{from, value}}, got {_clip(conv)}")
+    out = []
+    for j, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{j}] must be an object {{from, value}}, got {_clip(turn)}")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise DataError(f"{where}: conversations[{j}].from is {_clip(turn['from'])}; allowed: "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        out.append({"role": role, "content": turn["value"]})
+    return out
+
+
 # --- formats and checks -------------------------------------------------------------------
 
-_NEEDS = {"alpaca": "instruction, output (input optional)", "messages": "messages",
+_NEEDS = {"alpaca": "instruction, output (input optional)",
+          "messages": "messages (or ShareGPT conversations, or conversational prompt + completion)",
+          "completion": "prompt, completion (TRL's prompt/completion)",
           "text": "text (or sentence)", "classification": "text (or sentence) and label (or labels)"}
 
 
@@ -279,22 +379,26 @@ def _detect(name: str, cols: list[str], fmt: str, text_col: str | None, label_co
     fits = {
         "messages": "messages" in cols,
         "alpaca": "instruction" in cols and "output" in cols,
+        "completion": "prompt" in cols and "completion" in cols,
         "classification": text_col is not None and label_col is not None,
         "text": text_col is not None,
     }
     used = {"messages": ["messages"], "alpaca": [c for c in ("instruction", "input", "output") if c in cols],
+            "completion": ["prompt", "completion"],
             "classification": [text_col, label_col], "text": [text_col]}
     if fmt != "auto":
         if not fits[fmt]:
             raise DataError(f"{name}: format {fmt} needs columns {_NEEDS[fmt]}; found: {', '.join(cols)}")
         return fmt, f"format {fmt} set in the config (columns {', '.join(used[fmt])})"
-    for f in ("messages", "alpaca", "classification", "text"):  # most specific first
+    for f in ("messages", "alpaca", "completion", "classification", "text"):  # most specific first
         if fits[f]:
             extra = " (no label column)" if f == "text" else ""
             plural = "s" if len(used[f]) > 1 else ""
             return f, f"column{plural} {', '.join(used[f])} found{extra} -> {f}"
     expected = "; ".join(f"{v} ({k})" for k, v in _NEEDS.items())
-    raise DataError(f"{name}: cannot tell the format from columns {', '.join(cols)}; expected {expected}")
+    hint = f"data.columns: {{instruction: {cols[0]}, output: {cols[-1]}}}" if len(cols) > 1 else f"data.columns: {{text: {cols[0]}}}"
+    raise DataError(f"{name}: cannot tell the format from columns {', '.join(cols)}; expected {expected}; "
+                    f"or say which column is which, e.g. {hint}")
 
 
 def _check(d: LoadedData) -> list | None:
@@ -305,8 +409,12 @@ def _check(d: LoadedData) -> list | None:
         if "input" in d.columns:
             _require_text(d, "input", optional=True)
     elif d.format == "messages":
-        for i, conv in enumerate(ds["messages"]):
-            _check_messages(conv, d.locate(i))
+        starts = ds[COMPLETION_START] if COMPLETION_START in d.columns else [0] * len(ds)
+        for i, (conv, start) in enumerate(zip(ds["messages"], starts)):
+            _check_messages(conv, d.locate(i), start or 0)
+    elif d.format == "completion":
+        _require_text(d, "prompt")
+        _require_text(d, "completion")
     else:
         _require_text(d, d.text_column)
     if d.format != "classification":
@@ -351,7 +459,7 @@ def _first_null(d: LoadedData, col: str, what: str) -> None:
         raise DataError(f"{d.locate(i)}: {col} {what}; every row needs one")
 
 
-def _check_messages(conv: Any, where: str) -> None:
+def _check_messages(conv: Any, where: str, start: int = 0) -> None:
     if not isinstance(conv, list) or not conv:
         raise DataError(f"{where}: messages must be a non-empty list of {{role, content}}, got {_clip(conv)}")
     for j, m in enumerate(conv):
@@ -361,5 +469,6 @@ def _check_messages(conv: Any, where: str) -> None:
             raise DataError(f"{where}: messages[{j}].role is {_clip(m.get('role'))}; allowed: {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{j}].content must be text, got {_clip(m.get('content'))}")
-    if not any(m["role"] == "assistant" for m in conv):
-        raise DataError(f"{where}: conversation has no assistant message, so nothing to learn from")
+    if not any(m["role"] == "assistant" for m in conv[start:]):
+        what = "completion" if start else "conversation"
+        raise DataError(f"{where}: {what} has no assistant message, so nothing to learn from")

@@ -1,12 +1,18 @@
 """Datasets for training: formats, prompts, tokenization, packing, splits and the preview.
 
 Reading and checking files (JSONL, JSON, CSV, TSV, Parquet, TXT, save_to_disk folders, Hub ids,
-with `file:LINE` errors) lives in dataload.py; `load_records` and `DataError` are used from here.
+with `file:LINE` errors) lives in load.py; `load_records` and `DataError` are used from here.
 
-Formats (detected from the columns, or forced with data.format):
+Formats (detected from the columns, or forced with data.format; data.columns renames a file's
+own columns onto these fields):
   alpaca          instruction, optional input, output
   messages        messages: [{role, content}, ...]; rendered with the tokenizer's chat template,
-                  or without one with the plain template "<|role|>\\ncontent\\n" per turn
+                  or without one with the plain template "<|role|>\\ncontent\\n" per turn.
+                  ShareGPT files (conversations: [{from: human|gpt|system, value}]) and TRL's
+                  conversational prompt/completion (both lists of messages) load as messages; in
+                  the latter only the completion's assistant turns carry loss
+  completion      prompt, completion (TRL's standard prompt/completion): the prompt verbatim,
+                  loss on the completion
   text            text (or sentence): raw text for causal LM
   classification  text (or sentence) + label (or labels): ints or strings, mapped to ids in
                   sorted order (a ClassLabel keeps its own names and ids)
@@ -48,7 +54,8 @@ import pyarrow.compute as pc
 import torch
 
 from studio.config import RunConfig
-from studio.data.load import BUILTIN_DIR, LABEL_COLUMNS, TEXT_COLUMNS, LoadedData, _detect, _short, load_records
+from studio.data.load import (BUILTIN_DIR, COMPLETION_START, LABEL_COLUMNS, TEXT_COLUMNS, LoadedData, _detect, _short,
+                              check_task, load_config_data, load_records)
 from studio.errors import DataError
 
 IGNORE = -100
@@ -59,6 +66,12 @@ BUILTINS = {
                      "arithmetic in words, plurals, antonyms, colors...): tiny-llama learns it in a minute."),
     "sentiment": ("sentiment.jsonl", "seq_cls",
                   "Movie and product review sentences labelled positive or negative, for minilm-l6."),
+    "profile-json": ("profile-json.jsonl", "causal_lm",
+                     "Chat: any sentence about a person is answered with one line of strict JSON "
+                     "(name, age, city, job), over 1 to 3 turns; SmolLM2 answers in prose until trained."),
+    "profile-json-heldout": ("profile-json-heldout.jsonl", "causal_lm",
+                             "Held-out prompts for profile-json (other names, cities, jobs and sentence "
+                             "shapes), for the Evaluate tab and studio eval --data; not for training."),
 }
 _PREVIEW_SAMPLE = 2000  # token statistics over the first rows only: the preview must stay instant
 # ...and over at most this many characters of them: tokenizing costs about 300 bytes of memory and
@@ -106,12 +119,15 @@ def _segments(row: dict, fmt: str, text_col: str | None, tokenizer, where: str) 
         return [(alpaca_prompt(row["instruction"], row.get("input")), False), (row["output"], True)]
     if fmt == "text":
         return [(row[text_col], True)]
+    if fmt == "completion":  # TRL's prompt/completion: the prompt as it is, loss on the completion
+        return [(row["prompt"], False), (row["completion"], True)]
     msgs = row["messages"]
+    first_trained = row.get(COMPLETION_START) or 0
     try:
         whole = chat_prompt(tokenizer, msgs, add_generation_prompt=False)
         segs, pos = [], 0
         for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < first_trained:
                 continue
             # This turn's text is what renders between "prompt so far" and "prompt plus this
             # turn": its end-of-turn marker is trained too, so the model learns to stop.
@@ -276,6 +292,24 @@ def _split(n: int, fraction: float, seed: int, strata: list[int] | None = None) 
     return parts["train"]["i"], parts["test"]["i"]
 
 
+def split_rows(cfg: RunConfig, d: LoadedData) -> tuple[list[int], list[int]]:
+    """Row indices of `d` in the train and eval splits build_datasets draws for `cfg` (same seed,
+    same strata), so held-out evaluation sees exactly the rows training never did."""
+    strata = None
+    if d.format == "classification":
+        col = d.dataset[d.label_column]
+        lookup = {v: i for i, v in enumerate(d.labels)}
+        is_class_label = isinstance(d.dataset.features[d.label_column], datasets.ClassLabel)
+        strata = list(col) if is_class_label else [lookup[v] for v in col]
+    return _split(d.num_rows, cfg.data.eval_fraction, cfg.train.seed, strata)
+
+
+def encode_causal(tokenizer, fmt: str, rows: list[dict], wheres: list[str],
+                  text_col: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of causal-LM rows as the trainer tokenizes and masks them (responses only)."""
+    return _CausalEncoder(tokenizer, fmt, text_col, False).encode(rows, wheres)
+
+
 def build_datasets(cfg: RunConfig, tokenizer, world_batch: int | None = None) -> Prepared:
     """Tokenized train/eval datasets and the collator for `cfg`.
 
@@ -283,13 +317,8 @@ def build_datasets(cfg: RunConfig, tokenizer, world_batch: int | None = None) ->
     processes); the train split must fill it. Defaults to per_device_train_batch_size.
     """
     dc = cfg.data
-    d = load_records(dc.path, dc.format)
-    task = cfg.model.task
-    if task == "seq_cls" and d.format != "classification":
-        raise DataError(f"{dc.path}: model.task seq_cls needs text + label columns, but {d.reason}")
-    if task == "causal_lm" and d.format == "classification":
-        raise DataError(f"{dc.path}: {d.reason}, which needs model.task seq_cls; or set data.format: text "
-                        "to train a language model on the text alone")
+    d = load_config_data(dc)
+    check_task(d, cfg.model.task)
     need = world_batch or cfg.train.per_device_train_batch_size
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     warnings: list[str] = []
@@ -352,9 +381,10 @@ def build_datasets(cfg: RunConfig, tokenizer, world_batch: int | None = None) ->
 
 # --- preview and built-ins ----------------------------------------------------------------
 
-def preview(path: str, tokenizer=None, fmt: str = "auto", n: int = 5, max_length: int = 256) -> dict:
+def preview(path: str, tokenizer=None, fmt: str = "auto", n: int = 5, max_length: int = 256,
+            columns: dict | None = None) -> dict:
     """Plain data for the UI: first rows, format, counts, token-length statistics (no tokenizer: None)."""
-    d = load_records(path, fmt)
+    d = load_records(path, fmt, columns)
     ds = d.dataset
     out = {"rows": [dict(r) for r in ds.select(range(min(n, d.num_rows)))], "format": d.format,
            "reason": d.reason, "num_rows": d.num_rows, "columns": d.columns, "token_stats": None, "labels": None}

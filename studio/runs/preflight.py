@@ -12,7 +12,7 @@ from pathlib import Path
 
 from studio import lora, models
 from studio.config import RunConfig
-from studio.data.load import load_records
+from studio.data.load import check_task, load_config_data
 from studio.errors import ConfigError
 from studio.models.shards import pickled_files
 from studio.models.tree import model_tree
@@ -28,11 +28,7 @@ def preflight(cfg: RunConfig) -> None:
     src = models.resolve(m.name_or_path)
     if src.explore_only:
         raise ConfigError(no_weights_reason(m.name_or_path, src.path))
-    d = load_records(cfg.data.path, cfg.data.format)  # bad data: file:line and what is wrong
-    if m.task == "seq_cls" and d.format != "classification":
-        raise ConfigError(f"{cfg.data.path}: model.task seq_cls needs text + label columns, but {d.reason}")
-    if m.task == "causal_lm" and d.format == "classification":
-        raise ConfigError(f"{cfg.data.path}: {d.reason}, which needs model.task seq_cls; or set data.format: text")
+    check_task(load_config_data(cfg.data), m.task)  # bad data: file:line and what is wrong
     lora.check(model_tree(m.name_or_path, m.task, m.trust_remote_code), cfg.lora)  # targets that match nothing
 
 
