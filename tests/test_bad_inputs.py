@@ -148,15 +148,26 @@ def test_cli_subprocesses_exit_2_with_one_line(tmp_path, base_dir):
 # --- UI handlers ----------------------------------------------------------------------------
 
 def lora_values(r=4, lora_alpha=8, lora_dropout=0.0, keys=("model.layers.0-3.self_attn.q_proj",)):
-    return [list(keys), "", r, lora_alpha, lora_dropout, "none", False, False, "", ""]
+    return {"model.module_tree": list(keys), "model.layers": "", "model.lora_r": r, "model.lora_alpha": lora_alpha,
+            "model.lora_dropout": lora_dropout, "model.bias": "none", "model.use_rslora": False,
+            "model.use_dora": False, "model.modules_to_save": "", "model.rank_pattern": ""}
 
 
 def data_values(path):
-    return [str(path), "auto", 0.1, 64, True, False]
+    return {"data.dataset_select": str(path), "data.data_format": "auto", "data.eval_fraction": 0.1,
+            "data.max_length": 64, "data.packing": True, "data.train_on_prompt": False}
 
 
 def train_values(learning_rate=2e-3, max_steps=5, lr_scheduler_type="cosine"):
-    return [learning_rate, max_steps, 1, 2, 1, lr_scheduler_type, 0.0, 5, 5, 0]
+    return {"train.learning_rate": learning_rate, "train.max_steps": max_steps, "train.num_train_epochs": 1,
+            "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1,
+            "train.lr_scheduler_type": lr_scheduler_type, "train.warmup_ratio": 0.0, "train.eval_steps": 5,
+            "train.save_steps": 5, "train.seed": 0}
+
+
+def form(state, lora, data, train):
+    """The Train tab's form by name, as Start reads it."""
+    return {"model.state": state, **lora, **data, **train}
 
 
 def ui_error(fn, *args) -> str:
@@ -177,7 +188,7 @@ def test_ui_dataset_upload_preview_and_start_refuse(case, tmp_path):
     if case.get("generate") is None:  # the Data tab shows the message in place (no exception)
         rows, info, error = data_tab.preview(str(path), "auto", 64, LLAMA)
         assert rows == [] and case["expect"] in error and "⚠" in info
-    assert case["expect"] in ui_error(train_tab.start, root, LLAMA, lora_values(), data_values(path), train_values())
+    assert case["expect"] in ui_error(train_tab.start, root, form(LLAMA, lora_values(), data_values(path), train_values()))
     assert not root.exists() or not any(root.iterdir())
 
 
@@ -187,7 +198,7 @@ def test_ui_train_form_refuses_the_same_settings(case, tmp_path):
     lv = lora_values(**{k: v for k, v in ui.get("lora", {}).items()})
     tv = train_values(**ui.get("train", {}))
     root = tmp_path / "runs"
-    msg = ui_error(train_tab.start, root, LLAMA, lv, data_values(GOOD_DATA), tv)
+    msg = ui_error(train_tab.start, root, form(LLAMA, lv, data_values(GOOD_DATA), tv))
     assert case.get("ui_expect", case["expect"]) in msg
     assert not root.exists() or not any(root.iterdir())
 
@@ -202,7 +213,7 @@ def test_ui_model_folder_refused_at_load_or_start(case, tmp_path):
         assert case["expect"] in e.message
         return
     assert state["explore_only"] and "explore only" in summary
-    msg = ui_error(train_tab.start, root, state, lora_values(), data_values(GOOD_DATA), train_values())
+    msg = ui_error(train_tab.start, root, form(state, lora_values(), data_values(GOOD_DATA), train_values()))
     assert case["file"] in msg and ("explore-only" in msg or "pickled" in msg)
     assert not root.exists() or not any(root.iterdir())
 

@@ -248,10 +248,10 @@ def test_unwritable_runs_folder_is_a_clear_error_and_the_server_stays_up(live, t
     # Start and upload handlers, in-process, with the whole runs folder a file
     blocked = tmp_path / "runs-is-a-file"
     blocked.write_text("")
-    sel = [["model.layers.0-3.self_attn.q_proj"], "", 4, 8, 0.0, "none", False, False, "", ""]
+    form = train_tab.form_for("tiny-llama", module_tree=["model.layers.0-3.self_attn.q_proj"], lora_r=4,
+                              lora_alpha=8, dataset_select=str(good), max_length=64, max_steps=5)
     with pytest.raises(gr.Error, match=f"cannot write the runs folder {blocked}"):
-        train_tab.start(blocked, {"ref": "tiny-llama", "task": "causal_lm", "explore_only": False}, sel,
-                        [str(good), "auto", 0.1, 64, True, False], [2e-3, 5, 1, 2, 1, "cosine", 0.0, 5, 5, 0])
+        train_tab.start(blocked, form)
     with pytest.raises(gr.Error, match="cannot save the upload"):
         data_tab.save_upload(str(good), blocked)
     assert blocked.read_text() == ""

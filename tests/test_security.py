@@ -490,10 +490,8 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path, capsys):
     assert ModelConfig().trust_remote_code is False and RunConfig().model.trust_remote_code is False
     assert "Only turn on for repositories you trust" in field_help(ModelConfig)["trust_remote_code"]
     assert yaml.safe_load(RunConfig().to_yaml())["model"]["trust_remote_code"] is False
-    sel = [["model.layers.0-3.self_attn.q_proj"], "", 4, 8, 0.0, "none", False, False, "", ""]
-    cfg = train_tab.build_config({"ref": "tiny-llama", "task": "causal_lm", "explore_only": False}, sel,
-                                 ["assets/datasets/instructions.jsonl", "auto", 0.1, 64, True, False],
-                                 [2e-3, 5, 1, 2, 1, "cosine", 0.0, 5, 5, 0])
+    cfg = train_tab.build_config(train_tab.form_for("tiny-llama", module_tree=["model.layers.0-3.self_attn.q_proj"],
+                                                    dataset_select="assets/datasets/instructions.jsonl"))
     assert cfg.model.trust_remote_code is False
     for a in (["tree", "--model", "x"], ["count", "--model", "x", "--targets", "q_proj"]):
         assert cli._parser().parse_args(a).trust_remote_code is False
@@ -583,9 +581,10 @@ def test_trust_remote_code_switch_in_the_ui_says_what_it_means_and_is_passed_on(
     assert state["trust_remote_code"] is True and "TinyCustomForCausalLM" in summary
     assert types_upd["choices"][:3] == ["embed", "mixer", "lm_head"]
     assert "mixer" in tree_upd["tree_html"]
-    sel = [["mixer"], "", 4, 8, 0.0, "none", False, False, "", ""]
-    cfg = train_tab.build_config(state, sel, ["assets/datasets/instructions.jsonl", "auto", 0.1, 64, True, False],
-                                 [2e-3, 5, 1, 2, 1, "cosine", 0.0, 5, 5, 0])
+    form = train_tab.form_for(str(model), None, True, module_tree=["mixer"],
+                              dataset_select="assets/datasets/instructions.jsonl")
+    assert form["model.state"] == state
+    cfg = train_tab.build_config(form)
     assert cfg.model.trust_remote_code is True and cfg.lora.target_modules == ["mixer"]
     assert yaml.safe_load(cfg.to_yaml())["model"]["trust_remote_code"] is True
 

@@ -7,6 +7,7 @@ import pytest
 
 from studio import lora
 from studio.config import LoraSettings
+from studio.errors import StudioError
 from studio.models.tree import model_tree
 from studio.ui import live
 from studio.ui.tabs import data as data_tab
@@ -18,8 +19,12 @@ from studio.ui.widgets.tree_view import leaf_index, render_tree
 LLAMA = {"ref": "tiny-llama", "task": "causal_lm", "explore_only": False, "trust_remote_code": False}
 
 
-def defaults(keys, layers="", r=8, alpha=16, dropout=0.0, bias="none", rslora=False, dora=False, mts="", rp=""):
-    return [keys, layers, r, alpha, dropout, bias, rslora, dora, mts, rp]
+def defaults(keys, layers="", r=8, alpha=16, dropout=0.0, bias="none", rslora=False, dora=False, mts="", rp="",
+             state=LLAMA):
+    """The Model tab's LoRA values by name, as `selection` reads them."""
+    return {"model.state": state, "model.module_tree": keys, "model.layers": layers, "model.lora_r": r,
+            "model.lora_alpha": alpha, "model.lora_dropout": dropout, "model.bias": bias, "model.use_rslora": rslora,
+            "model.use_dora": dora, "model.modules_to_save": mts, "model.rank_pattern": rp}
 
 
 def test_load_selects_query_value_of_real_models_and_lists_types():
@@ -40,7 +45,7 @@ def test_tiny_builtins_default_to_every_linear_layer_and_the_head():
 
 def test_count_shown_equals_the_engine_count():
     keys = ["model.layers.0-3.self_attn.q_proj", "model.layers.0-3.self_attn.v_proj"]
-    sel = model_tab.selection(LLAMA, *defaults(keys, r=16, alpha=32))
+    sel = model_tab.selection(defaults(keys, r=16, alpha=32))
     html, fig, reason = model_tab.count_view(sel)
     expected = lora.count(model_tree("tiny-llama"), LoraSettings(r=16, target_modules=["q_proj", "v_proj"]))
     assert reason is None and f"data-trainable='{expected.trainable}'" in html
@@ -50,7 +55,7 @@ def test_count_shown_equals_the_engine_count():
 def test_layer_range_and_partial_tree_selection_compile_to_exact_targets():
     tree = model_tree("tiny-gpt2")
     keys = ["transformer.h.0-3.attn.c_proj"]
-    sel = model_tab.selection({"ref": "tiny-gpt2", "task": "causal_lm"}, *defaults(keys, layers="0-1"))
+    sel = model_tab.selection(defaults(keys, layers="0-1", state={"ref": "tiny-gpt2", "task": "causal_lm"}))
     assert sel.settings.target_modules == ["attn.c_proj"] and sel.settings.layers_to_transform == [0, 1]
     res = lora.resolve_targets(tree, sel.settings)
     assert res.matched == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
@@ -59,11 +64,11 @@ def test_layer_range_and_partial_tree_selection_compile_to_exact_targets():
 def test_all_linear_selection_becomes_the_all_linear_shorthand():
     tree = model_tree("tiny-llama")
     keys = model_tab.keys_from_types(tree, ["all-linear"], [], [])
-    sel = model_tab.selection(LLAMA, *defaults(keys))
+    sel = model_tab.selection(defaults(keys))
     assert sel.settings.target_modules == "all-linear"
     assert "all-linear" in model_tab.types_from_keys(tree, keys)
     # with a layer range PEFT needs names, not the string: the same modules by name
-    sel = model_tab.selection(LLAMA, *defaults(keys, layers="1"))
+    sel = model_tab.selection(defaults(keys, layers="1"))
     assert isinstance(sel.settings.target_modules, list)
     assert len(lora.count(tree, sel.settings).matched_modules) == 7
 
@@ -80,7 +85,7 @@ def test_type_checkboxes_and_tree_stay_in_sync():
 
 
 def test_posted_keys_that_are_not_modules_are_ignored():
-    sel = model_tab.selection(LLAMA, *defaults(["model.layers.0-3.self_attn.q_proj", "../../etc/passwd", "x"]))
+    sel = model_tab.selection(defaults(["model.layers.0-3.self_attn.q_proj", "../../etc/passwd", "x"]))
     assert sel.settings.target_modules == ["q_proj"]
 
 
@@ -92,30 +97,40 @@ def test_posted_keys_that_are_not_modules_are_ignored():
 ])
 def test_invalid_settings_give_a_reason_that_disables_start(kwargs, needle):
     keys = kwargs.pop("keys")
-    sel = model_tab.selection(LLAMA, *defaults(keys, **kwargs))
+    sel = model_tab.selection(defaults(keys, **kwargs))
     html, _, reason = model_tab.count_view(sel)
     assert reason and needle in reason and "No count" in html
 
 
-def test_explore_only_preset_counts_but_cannot_train():
+def test_explore_only_preset_counts_but_cannot_train(tmp_path):
+    from studio.runs.preflight import preflight
+
     tree_upd, _, summary, state = model_tab.load("llama-3.1-405b")
     assert state["explore_only"] and "explore only" in summary
     assert "(0-125) 126 ×" in tree_upd["tree_html"]
-    with pytest.raises(Exception, match="explore-only"):
-        train_tab.build_config(state, defaults(tree_upd["value"]), ["x.jsonl", "auto", 0.1, 64, True, False],
-                               [1e-3, 10, 1, 2, 1, "cosine", 0.0, 5, 5, 0])
+    form = train_tab.form_for("llama-3.1-405b")
+    with pytest.raises(StudioError, match="explore-only") as e:
+        preflight(train_tab.build_config(form))
+    assert train_tab.refusal(form) == str(e.value)
+    with pytest.raises(gr.Error, match="explore-only"):
+        train_tab.start(tmp_path / "runs", form)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_build_config_is_the_yaml_the_cli_repeats(tmp_path):
     from studio.config import load_config
 
-    path = data_tab.default_dataset("causal_lm")
-    cfg = train_tab.build_config(LLAMA, defaults(["model.layers.0-3.self_attn.q_proj"], r=4, alpha=8),
-                                 [path, "auto", 0.1, 64, True, False], [2e-3, 30, 1, 4, 2, "linear", 0.1, 10, 10, 7])
+    form = train_tab.form_for("tiny-llama", **defaults(["model.layers.0-3.self_attn.q_proj"], r=4, alpha=8),
+                              **{"data.max_length": 64, "train.max_steps": 30, "train.per_device_train_batch_size": 4,
+                                 "train.gradient_accumulation_steps": 2, "train.lr_scheduler_type": "linear",
+                                 "train.warmup_ratio": 0.1, "train.eval_steps": 10, "train.save_steps": 10,
+                                 "train.seed": 7})
+    cfg = train_tab.build_config(form)
     cfg.save(tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg and again.lora.r == 4 and again.train.gradient_accumulation_steps == 2
-    assert again.lora.target_modules == ["q_proj"]
+    assert again.lora.target_modules == ["q_proj"] and again.data.max_length == 64 and again.train.seed == 7
+    assert again.data.path == data_tab.default_dataset("causal_lm")
 
 
 def test_render_tree_marks_every_lora_leaf_and_no_other():
@@ -290,3 +305,109 @@ def test_live_route_answers_and_refuses_bad_parameters(tmp_path, monkeypatch):
         assert r.status_code == 400 and message in r.json()["error"], (params, r.text)
     r = client.get(live.PLOTLY_PATH)
     assert r.status_code == 200 and len(r.content) > 1_000_000 and "max-age" in r.headers["cache-control"]
+
+
+def test_registry_wires_by_name_so_a_new_widget_shifts_nothing():
+    from studio.ui.registry import Registry
+
+    with gr.Blocks():
+        ui = Registry()
+        ui.add("t", a=gr.Number(1), b=gr.Number(2), out=gr.Number())
+        seen = []
+        call = ui.bind(lambda v: seen.append(dict(v)) or {"t.out": v["t.b"] - v["t.a"]}, ["t.a", "t.b"], ["t.out"])
+        assert call(1, 5) == {ui["t.out"]: 4} and seen == [{"t.a": 1, "t.b": 5}]
+        ui.add("t", new=gr.Number(3))  # registered later, elsewhere: the handler's inputs are as they were
+        assert call(1, 5) == {ui["t.out"]: 4}
+        with pytest.raises(ValueError, match="t.a is registered twice"):
+            ui.add("t", a=gr.Number())
+        with pytest.raises(KeyError, match="no component 't.nope'"):
+            ui.bind(lambda v: {}, ["t.nope"], [])
+        with pytest.raises(KeyError, match="returned t.b, not among its outputs"):
+            ui.bind(lambda v: {"t.b": 1}, ["t.a"], ["t.out"])(1)
+        with pytest.raises(KeyError, match="'t.b' is not among this handler's inputs"):
+            ui.bind(lambda v: {"t.out": v["t.b"]}, ["t.a"], ["t.out"])(1)
+        # a generator stays one (each yield updates), and a progress parameter gets gradio's tracker
+        with pytest.raises(TypeError, match="must return a mapping of names to updates"):
+            ui.bind(lambda v: [1], ["t.a"], ["t.out"])(1)
+
+        def count_up(v):
+            for i in range(v["t.a"]):
+                yield {"t.out": i}
+
+        assert list(ui.bind(count_up, ["t.a"], ["t.out"])(3)) == [{ui["t.out"]: i} for i in range(3)]
+
+        def slow(v, progress=gr.Progress()):
+            return {"t.out": type(progress).__name__}
+
+        bound = ui.bind(slow, ["t.a"], ["t.out"])
+        import inspect
+
+        assert isinstance(list(inspect.signature(bound).parameters.values())[-1].default, gr.Progress)
+        assert bound(1, gr.Progress()) == {ui["t.out"]: "Progress"}
+
+
+def test_widgets_start_at_the_config_defaults_and_a_model_brings_its_starter_settings():
+    from studio.config import STARTERS, DataConfig, TrainConfig, starter_config
+    from studio.ui.registry import Registry
+
+    with gr.Blocks():
+        ui = Registry()
+        model_tab.build(ui)
+        data_tab.build(ui, __import__("pathlib").Path("/nonexistent-runs"))
+        train_tab.build(ui)
+    tiny = starter_config("tiny-llama")
+    assert [n for n in train_tab.FORM if n not in ui] == []
+    for name, value in {**train_tab.train_values(tiny.train), **model_tab.lora_values(tiny.lora),
+                        **data_tab.data_values(tiny.data)}.items():
+        assert ui[name].value == value, name
+    # the random-init tiny models learn at 2e-3 in 100 steps; everything else starts at TrainConfig's own
+    assert (ui["train.learning_rate"].value, ui["train.max_steps"].value) == (2e-3, 100)
+    assert STARTERS["tiny-llama"]["train"] == {"learning_rate": 2e-3, "max_steps": 100}
+    assert ui["train.per_device_train_batch_size"].value == TrainConfig().per_device_train_batch_size
+    assert ui["data.max_length"].value == DataConfig().max_length
+    big = train_tab.form_for("llama-3.1-8b")
+    assert big["train.learning_rate"] == TrainConfig().learning_rate and big["train.max_steps"] == TrainConfig().max_steps
+    from studio.ui import app
+
+    # picking a model in the dropdown shows its starter settings, every one a registered output
+    mini = app.pick_model({"model.model_select": "minilm-l6", "model.trust_remote_code": False})
+    assert set(mini) == set(app.LOAD_OUT + train_tab.SETTINGS_FORM)
+    assert mini["train.learning_rate"] == 1e-3 and mini["data.max_length"] == 128 and mini["model.task"] == "seq_cls"
+    assert mini["data.dataset_select"] == data_tab.default_dataset("seq_cls")
+    assert mini["model.module_tree"]["value"] == ["bert.encoder.layer.0-5.attention.self.query",
+                                                  "bert.encoder.layer.0-5.attention.self.value"]
+    assert train_tab.build_config(train_tab.form_for("minilm-l6")).lora.target_modules == ["query", "value"]
+
+
+def test_start_is_refused_with_the_cli_message_before_any_run_folder(tmp_path, capsys):
+    """minilm-l6 (seq_cls) with the instruction dataset: the gate, a click and `studio train` say the same."""
+    from studio import cli
+    from studio.runs.preflight import preflight
+
+    root = tmp_path / "runs"
+    instructions = data_tab.default_dataset("causal_lm")
+    form = train_tab.form_for("minilm-l6", **{"data.dataset_select": instructions})
+    cfg = train_tab.build_config(form)
+    assert (cfg.model.name_or_path, cfg.model.task) == ("minilm-l6", "seq_cls")
+    with pytest.raises(StudioError) as e:
+        preflight(cfg)
+    reason = str(e.value)
+    assert "model.task seq_cls needs text + label columns" in reason
+    assert train_tab.refusal(form) == reason
+    view = train_tab.phase_view(root, {**form, "train.live": {"run": None, "active": False}})
+    assert view["train.start_reason"] == "⚠ " + __import__("html").escape(reason)
+    assert view["train.train_start"]["interactive"] is False
+    with pytest.raises(gr.Error) as clicked:
+        train_tab.start(root, form)
+    assert clicked.value.message == reason
+    cfg.save(tmp_path / "run.yaml")
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "run.yaml"), "--runs-dir", str(root), "--detach"]) == 2
+    assert capsys.readouterr().err == f"studio train: {reason}\n"
+    assert not root.exists() or not any(root.iterdir())
+    # the same model with its own dataset: Start is enabled; and a run that trains disables it
+    ok = train_tab.form_for("minilm-l6")
+    assert train_tab.refusal(ok) is None
+    assert train_tab.phase_view(root, {**ok, "train.live": None})["train.train_start"]["interactive"] is True
+    busy = train_tab.phase_view(root, {**ok, "train.live": {"run": None, "active": True}})
+    assert train_tab.TRAINING in busy["train.start_reason"] and busy["train.train_start"]["interactive"] is False

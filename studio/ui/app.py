@@ -1,7 +1,8 @@
 """The studio's Gradio app: tabs, event wiring and a locked-down launch.
 
-Each tab module builds its components and holds its handlers as plain functions; this module
-only wires events between them. Polls are cheap and unlimited in concurrency; starting a run
+Each tab module builds its components, registered by name in one Registry (studio/ui/registry.py),
+and holds its handlers as plain functions of named values; this module only wires events
+between them, by those names. Polls are cheap and unlimited in concurrency; starting a run
 and merging share one slot, so two clicks never start two heavy jobs.
 """
 
@@ -18,6 +19,7 @@ from starlette.middleware import Middleware
 from studio import runs
 from studio.ui import live
 from studio.ui.login_wall import LoginWall
+from studio.ui.registry import Registry
 from studio.ui.tabs import analysis as analysis_tab
 from studio.ui.tabs import data as data_tab
 from studio.ui.tabs import export as export_tab
@@ -50,230 +52,258 @@ LIGHT = dict(concurrency_limit=None)
 def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
     root = runs.runs_dir(runs_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    ui = Registry()
     with gr.Blocks(title="LoRA Studio", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown("## LoRA Studio\nPick a model, tick the modules that get LoRA adapters, train in the "
                     "background, merge and download. Everything here is also a `studio` command.")
-        model_state = gr.State({"ref": model_tab.DEFAULT_MODEL, "task": "causal_lm", "explore_only": False})
-        model_reason = gr.State(None)
         with gr.Tabs():
             with gr.Tab("Model", id="tab-model"):
-                m = model_tab.build(model_state)
+                model_tab.build(ui)
             with gr.Tab("Data", id="tab-data"):
-                d = data_tab.build(root)
+                data_tab.build(ui, root)
             with gr.Tab("Train", id="tab-train"):
-                t = train_tab.build()
-            with gr.Tab("Runs", id="tab-runs") as runs_tab_el:
-                r = runs_tab.build(root)
-            with gr.Tab("Export", id="tab-export") as export_tab_el:
-                x = export_tab.build(root)
-            with gr.Tab("Playground", id="tab-playground") as playground_tab_el:
-                g = playground_tab.build(root)
-            with gr.Tab("Analysis", id="tab-analysis") as analysis_tab_el:
-                a = analysis_tab.build(root)
-        _wire_model(m, d, t, model_state, model_reason)
-        _wire_data(d, t, model_state, model_reason, root)
-        _wire_train(m, d, t, model_state, model_reason, root)
-        _wire_runs(r, runs_tab_el, root)
-        _wire_export(x, export_tab_el, root)
-        _wire_playground(g, playground_tab_el, root)
-        _wire_analysis(a, analysis_tab_el, root)
-        demo.load(_on_page_load(root), [model_state], [m.module_tree, m.target_types, m.summary, model_state,
-                                                          t.live], api_name="page_load", **LIGHT) \
-            .then(_recount, m.lora_inputs, [m.param_count, m.param_chart, model_reason], **LIGHT) \
-            .then(_preview, [d.dataset_select, d.data_format, d.max_length, model_state],
-                  [d.dataset_preview, d.data_info, d.data_error], **LIGHT) \
-            .then(**_gate(root, t, model_reason, d))
+                train_tab.build(ui)
+            # These tabs' build functions return their components; registered here by attribute name.
+            for tab, label, build in (("runs", "Runs", runs_tab.build), ("export", "Export", export_tab.build),
+                                      ("playground", "Playground", playground_tab.build),
+                                      ("analysis", "Analysis", analysis_tab.build)):
+                with gr.Tab(label, id=f"tab-{tab}") as el:
+                    ui.add(tab, tab=el, **vars(build(root)))
+        _wire_model(ui, root)
+        _wire_data(ui, root)
+        _wire_train(ui, root)
+        _wire_runs(ui, root)
+        _wire_export(ui, root)
+        _wire_playground(ui, root)
+        _wire_analysis(ui, root)
+        load = ui.on(demo.load, _on_page_load(root), ["model.state"],
+                     ["model.module_tree", "model.target_types", "model.summary", "model.state", "train.live"],
+                     api_name="page_load", **LIGHT)
+        load = ui.on(load.then, model_tab.recount, model_tab.LORA_FORM, COUNT_OUT, **LIGHT)
+        load = ui.on(load.then, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT)
+        _gate(ui, root, load.then)
     return demo
+
+
+COUNT_OUT = ("model.param_count", "model.param_chart")
+PREVIEW_IN = ("data.dataset_select", "data.data_format", "data.max_length", "model.state")
+PREVIEW_OUT = ("data.dataset_preview", "data.data_info")
+LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.state")
 
 
 # --- model ---------------------------------------------------------------------------------
 
 def _on_page_load(root: Path):
-    def load(state: dict):
-        tree_upd, types_upd, summary, state = model_tab.load(state.get("ref"), state.get("task"))
-        return tree_upd, types_upd, summary, state, train_tab.attach(root)
-    return load
+    def page_load(v):
+        state = v["model.state"] or {}
+        return {**model_tab.load_view(state.get("ref"), state.get("task"), bool(state.get("trust_remote_code"))),
+                "train.live": train_tab.attach(root)}
+    return page_load
 
 
-def _recount(state, keys, layers, r, alpha, dropout, bias, rslora, dora, mts, rank_pattern):
-    sel = model_tab.selection(state, keys, layers, r, alpha, dropout, bias, rslora, dora, mts, rank_pattern)
-    html, fig, reason = model_tab.count_view(sel)
-    if reason is None and state.get("explore_only"):
-        reason = f"{state.get('ref')} is explore-only (a config without weights): counts only, no training"
-    return html, fig, reason
+def pick_model(v) -> dict:
+    """A model picked (or Load pressed): its tree and default ticks, and the form at its starter settings."""
+    out = model_tab.load_view(v["model.model_select"], None, v["model.trust_remote_code"])
+    state = out["model.state"]
+    return {**out, **train_tab.model_settings(state["ref"], state["task"])}
 
 
-def _wire_model(m, d, t, model_state, model_reason):
-    def load(ref, task, trust):
-        tree_upd, types_upd, summary, state = model_tab.load(ref, task, trust)
-        return tree_upd, types_upd, summary, state
+def pick_task(v) -> dict:
+    """Another task for the same model: its tree again (the head differs); the settings stay."""
+    return model_tab.load_view(v["model.model_select"], v["model.task"], v["model.trust_remote_code"])
 
-    def load_default_task(ref, trust):
-        return load(ref, None, trust)
 
-    outs = [m.module_tree, m.target_types, m.summary, model_state]
-    after = dict(fn=_recount, inputs=m.lora_inputs, outputs=[m.param_count, m.param_chart, model_reason], **LIGHT)
-    sync_task = dict(fn=lambda s: (s["task"], gr.update(value=data_tab.default_dataset(s["task"]))),
-                     inputs=[model_state], outputs=[m.task, d.dataset_select], **LIGHT)
-    m.model_load.click(load_default_task, [m.model_select, m.trust_remote_code], outs, api_name="load_model",
-                       **LIGHT).then(**after).then(**sync_task)
-    m.model_select.select(load_default_task, [m.model_select, m.trust_remote_code], outs, **LIGHT) \
-        .then(**after).then(**sync_task)
-    m.task.input(load, [m.model_select, m.task, m.trust_remote_code], outs, **LIGHT).then(**after)
+def _wire_model(ui: Registry, root: Path):
+    pick_in = ["model.model_select", "model.trust_remote_code"]
+    for event, extra in ((ui["model.model_load"].click, dict(api_name="load_model")),
+                         (ui["model.model_select"].select, {})):
+        _recount_on(ui, root, ui.on(event, pick_model, pick_in, LOAD_OUT + train_tab.SETTINGS_FORM, **extra, **LIGHT).then)
+    _recount_on(ui, root, ui.on(ui["model.task"].input, pick_task, pick_in + ["model.task"], LOAD_OUT, **LIGHT).then)
     # Ticking it explains it; the model loads with it on the next Load (nothing runs on a tick).
-    m.trust_remote_code.change(model_tab.trust_note, [m.trust_remote_code], [m.trust_note], **LIGHT)
+    ui.on(ui["model.trust_remote_code"].change, model_tab.trust_changed, ["model.trust_remote_code"],
+          ["model.trust_note"], **LIGHT)
+    ui.on(ui["model.target_types"].input, model_tab.types_changed,
+          ["model.state", "model.target_types", "model.module_tree", "model.types_state"],
+          ["model.module_tree", "model.types_state"], **LIGHT)
+    ui.on(ui["model.sweep_btn"].click, model_tab.sweep, ["model.state"], ["model.sweep_plot", "model.sweep_table"],
+          api_name="sweep", **LIGHT)
+    ui.on(ui["model.module_tree"].change, model_tab.tree_changed, ["model.state", "model.module_tree"],
+          ["model.target_types", "model.types_state"], **LIGHT)
+    for name in model_tab.LORA_FORM:
+        if name != "model.state":  # a new state only comes from a load, which recounts itself
+            _recount_on(ui, root, ui[name].change)
 
-    def types_changed(state, types, keys, previous_types):
-        return model_tab.keys_from_types(model_tab.tree_of(state), types, keys, previous_types), types
 
-    m.target_types.input(types_changed, [model_state, m.target_types, m.module_tree, m.types_state],
-                         [m.module_tree, m.types_state], **LIGHT)
-
-    def tree_changed(state, keys):
-        types = model_tab.types_from_keys(model_tab.tree_of(state), keys)
-        return types, types
-
-    m.sweep_btn.click(model_tab.sweep_view, [model_state], [m.sweep_plot, m.sweep_table], api_name="sweep", **LIGHT)
-    m.module_tree.change(tree_changed, [model_state, m.module_tree], [m.target_types, m.types_state], **LIGHT) \
-        .then(**after)
-    for w in (m.layers, m.bias, m.rslora, m.dora, m.mts, m.rank_pattern):
-        w.change(**after)
-    for w in (m.lora_r, m.lora_alpha, m.lora_dropout):
-        w.change(**after)
+def _recount_on(ui: Registry, root: Path, event):
+    """Recount, then re-ask whether the form can start."""
+    _gate(ui, root, ui.on(event, model_tab.recount, model_tab.LORA_FORM, COUNT_OUT, **LIGHT).then)
 
 
 # --- data ----------------------------------------------------------------------------------
 
-def _preview(path, fmt, max_length, state):
-    rows, info, error = data_tab.preview(path, fmt, max_length, state)
-    import pandas as pd
+def _wire_data(ui: Registry, root: Path):
+    for name in ("data.dataset_select", "data.data_format", "data.max_length"):
+        _gate(ui, root, ui.on(ui[name].change, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT).then)
+    for name in ("data.eval_fraction", "data.packing", "data.train_on_prompt"):
+        _gate(ui, root, ui[name].change)
 
-    return pd.DataFrame(rows), info, error
+    def uploaded(v):
+        path = data_tab.save_upload(v["data.dataset_upload"], root)
+        return {"data.dataset_select": gr.update(choices=data_tab.dataset_choices(root), value=path)}
 
-
-def _wire_data(d, t, model_state, model_reason, root: Path):
-    prev = dict(fn=_preview, inputs=[d.dataset_select, d.data_format, d.max_length, model_state],
-                outputs=[d.dataset_preview, d.data_info, d.data_error], **LIGHT)
-    for w in (d.dataset_select, d.data_format, d.max_length):
-        w.change(**prev)
-
-    def uploaded(file):
-        path = data_tab.save_upload(file, root)
-        return gr.update(choices=data_tab.dataset_choices(root), value=path)
-
-    d.dataset_upload.upload(uploaded, [d.dataset_upload], [d.dataset_select], api_name="upload_dataset", **LIGHT)
+    ui.on(ui["data.dataset_upload"].upload, uploaded, ["data.dataset_upload"], ["data.dataset_select"],
+          api_name="upload_dataset", **LIGHT)
 
 
 # --- train ---------------------------------------------------------------------------------
 
-def _wire_train(m, d, t, model_state, model_reason, root: Path):
-    def start(state, *values):
-        lora_values = list(values[:10])
-        data_values = list(values[10:16])
-        train_values = list(values[16:])
-        return train_tab.start(root, state, lora_values, data_values, train_values)
-
-    inputs = [model_state] + m.lora_inputs[1:] + d.inputs + t.inputs
-    gate = _gate(root, t, model_reason, d)
-    t.train_start.click(start, inputs, [t.live], api_name="start_training", **HEAVY).then(**gate)
-    t.train_stop.click(functools.partial(train_tab.stop, root), [t.live], None, api_name="stop_training", **LIGHT)
+def _wire_train(ui: Registry, root: Path):
+    start = ui.on(ui["train.train_start"].click, functools.partial(train_tab.start, root), train_tab.FORM,
+                  ["train.live"], api_name="start_training", **HEAVY)
+    _gate(ui, root, start.then)
+    ui.on(ui["train.train_stop"].click, functools.partial(train_tab.stop, root), ["train.live"], [],
+          api_name="stop_training", **LIGHT)
     # The live view polls its own route (studio/ui/live.py); its value changes when the run it
     # follows does, or stops being active, and that re-gates Start.
-    for st in (t.live, model_reason, d.data_error):
-        st.change(**gate)
+    for name in ("train.live",) + train_tab.TRAIN_FORM:
+        _gate(ui, root, ui[name].change)
 
 
-def _gate(root: Path, t, model_reason, d) -> dict:
-    return dict(fn=functools.partial(train_tab.phase_view, root), inputs=[t.live, model_reason, d.data_error],
-                outputs=[t.start_reason, t.train_start, t.run_yaml, t.run_cli], show_progress="hidden", **LIGHT)
+def _gate(ui: Registry, root: Path, event):
+    """Start enabled, or disabled with preflight's reason, for the form as it is now."""
+    return ui.on(event, functools.partial(train_tab.phase_view, root), train_tab.FORM + ("train.live",),
+                 ["train.start_reason", "train.train_start", "train.run_yaml", "train.run_cli"],
+                 show_progress="hidden", **LIGHT)
 
 
 # --- runs ----------------------------------------------------------------------------------
 
-def _wire_runs(r, tab, root: Path):
-    def refresh(current_pick, current_compare):
+def _wire_runs(ui: Registry, root: Path):
+    def refresh(v):
         ids = runs_tab.run_ids(root)
-        return (runs_tab.table(root), gr.update(choices=ids, value=current_pick if current_pick in ids else None),
-                gr.update(choices=ids, value=[i for i in (current_compare or []) if i in ids]))
+        pick, compare = v["runs.pick"], v["runs.compare"]
+        return {"runs.runs_table": runs_tab.table(root),
+                "runs.pick": gr.update(choices=ids, value=pick if pick in ids else None),
+                "runs.compare": gr.update(choices=ids, value=[i for i in (compare or []) if i in ids])}
 
-    outs = [r.runs_table, r.pick, r.compare]
-    r.refresh.click(refresh, [r.pick, r.compare], outs, api_name="list_runs", **LIGHT)
-    tab.select(refresh, [r.pick, r.compare], outs, **LIGHT)
-    r.compare.change(functools.partial(runs_tab.overlay, root), [r.compare], [r.overlay_plot], **LIGHT)
-    r.resume.click(functools.partial(runs_tab.resume, root), [r.pick], [r.message], api_name="resume_run", **HEAVY) \
-        .then(refresh, [r.pick, r.compare], outs, **LIGHT)
-    r.delete.click(lambda pick: (gr.update(visible=bool(pick)),
-                                 f"Delete **{pick}** and all its files? This cannot be undone." if pick
-                                 else "Pick a run first."),
-                   [r.pick], [r.confirm, r.message], **LIGHT)
-    r.confirm.click(functools.partial(runs_tab.delete, root), [r.pick], [r.message], api_name="delete_run", **LIGHT) \
-        .then(lambda: gr.update(visible=False), None, [r.confirm], **LIGHT) \
-        .then(refresh, [r.pick, r.compare], outs, **LIGHT)
+    ins, outs = ["runs.pick", "runs.compare"], ["runs.runs_table", "runs.pick", "runs.compare"]
+    ui.on(ui["runs.refresh"].click, refresh, ins, outs, api_name="list_runs", **LIGHT)
+    ui.on(ui["runs.tab"].select, refresh, ins, outs, **LIGHT)
+    ui.on(ui["runs.compare"].change, lambda v: {"runs.overlay_plot": runs_tab.overlay(root, v["runs.compare"])},
+          ["runs.compare"], ["runs.overlay_plot"], **LIGHT)
+    resumed = ui.on(ui["runs.resume"].click, lambda v: {"runs.message": runs_tab.resume(root, v["runs.pick"])},
+                    ["runs.pick"], ["runs.message"], api_name="resume_run", **HEAVY)
+    ui.on(resumed.then, refresh, ins, outs, **LIGHT)
+
+    def ask_delete(v):
+        pick = v["runs.pick"]
+        return {"runs.confirm": gr.update(visible=bool(pick)),
+                "runs.message": f"Delete **{pick}** and all its files? This cannot be undone." if pick
+                else "Pick a run first."}
+
+    ui.on(ui["runs.delete"].click, ask_delete, ["runs.pick"], ["runs.confirm", "runs.message"], **LIGHT)
+    deleted = ui.on(ui["runs.confirm"].click, lambda v: {"runs.message": runs_tab.delete(root, v["runs.pick"])},
+                    ["runs.pick"], ["runs.message"], api_name="delete_run", **LIGHT)
+    hidden = ui.on(deleted.then, lambda v: {"runs.confirm": gr.update(visible=False)}, [], ["runs.confirm"], **LIGHT)
+    ui.on(hidden.then, refresh, ins, outs, **LIGHT)
 
 
 # --- export --------------------------------------------------------------------------------
 
-def _wire_export(x, tab, root: Path):
-    def refresh(current):
-        ids = export_tab.exportable(root)
-        return gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))
+def _wire_export(ui: Registry, root: Path):
+    def refresh(v):
+        ids, current = export_tab.exportable(root), v["export.run"]
+        return {"export.run": gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))}
 
-    tab.select(refresh, [x.run], [x.run], **LIGHT)
+    ui.on(ui["export.tab"].select, refresh, ["export.run"], ["export.run"], **LIGHT)
 
-    def prepare_adapter(run_id):
+    def prepare_adapter(v):
+        run_id = v["export.run"]
         if not run_id:
-            return gr.update(value=None, interactive=False), gr.update(value=None, interactive=False)
-        merged = root / run_id / "exports" / f"{run_id}-merged.zip"
-        return (gr.update(value=export_tab.adapter_zip(root, run_id), interactive=True),
-                gr.update(value=str(merged) if merged.is_file() else None, interactive=merged.is_file()))
+            off = gr.update(value=None, interactive=False)
+            return {"export.download_adapter": off, "export.download_merged": off}
+        merged = runs.RunDir(runs_tab.run_folder(root, run_id)).merged_zip
+        return {"export.download_adapter": gr.update(value=export_tab.adapter_zip(root, run_id), interactive=True),
+                "export.download_merged": gr.update(value=str(merged) if merged.is_file() else None,
+                                                    interactive=merged.is_file())}
 
-    x.run.change(prepare_adapter, [x.run], [x.download_adapter, x.download_merged], **LIGHT)
+    ui.on(ui["export.run"].change, prepare_adapter, ["export.run"],
+          ["export.download_adapter", "export.download_merged"], **LIGHT)
 
-    def do_merge(run_id, dtype, verify, progress=gr.Progress()):
-        if not run_id:
+    def do_merge(v, progress=gr.Progress()):
+        if not v["export.run"]:
             raise gr.Error("pick a run with a final adapter first", print_exception=False)
-        report, zip_path = export_tab.merge(root, run_id, dtype, verify, progress)
-        return report, gr.update(value=zip_path, interactive=zip_path is not None)
+        report, zip_path = export_tab.merge(root, v["export.run"], v["export.dtype"], v["export.verify"], progress)
+        return {"export.merge_report": report,
+                "export.download_merged": gr.update(value=zip_path, interactive=zip_path is not None)}
 
-    x.merge_btn.click(do_merge, [x.run, x.dtype, x.verify], [x.merge_report, x.download_merged],
-                      api_name="merge", **HEAVY)
+    ui.on(ui["export.merge_btn"].click, do_merge, ["export.run", "export.dtype", "export.verify"],
+          ["export.merge_report", "export.download_merged"], api_name="merge", **HEAVY)
 
 
 # --- playground ----------------------------------------------------------------------------
 
-def _wire_playground(g, tab, root: Path):
-    def refresh(current):
-        ids = playground_tab.usable_runs(root)
-        return gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))
+def _wire_playground(ui: Registry, root: Path):
+    def refresh(v):
+        ids, current = playground_tab.usable_runs(root), v["playground.run"]
+        return {"playground.run": gr.update(choices=ids,
+                                            value=current if current in ids else (ids[0] if ids else None))}
 
-    tab.select(refresh, [g.run], [g.run], **LIGHT)
-    g.generate.click(functools.partial(playground_tab.generate, root),
-                     [g.run, g.prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed, g.template],
-                     [g.base, g.tuned], api_name="generate", concurrency_id="playground", concurrency_limit=2)
-    g.prompt.submit(functools.partial(playground_tab.generate, root),
-                    [g.run, g.prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed, g.template],
-                    [g.base, g.tuned], concurrency_id="playground", concurrency_limit=2)
-    g.evaluate.click(functools.partial(playground_tab.evaluate, root), [g.run], [g.eval_text, g.eval_rows],
-                     api_name="evaluate", concurrency_id="playground", concurrency_limit=2)
+    ui.on(ui["playground.tab"].select, refresh, ["playground.run"], ["playground.run"], **LIGHT)
+
+    def generate(v):
+        for base, tuned in playground_tab.generate(
+                root, v["playground.run"], v["playground.prompt"], max_new_tokens=v["playground.max_new_tokens"],
+                temperature=v["playground.temperature"], top_p=v["playground.top_p"], seed=v["playground.seed"],
+                template=v["playground.template"]):
+            yield {"playground.base": base, "playground.tuned": tuned}
+
+    ins = ["playground.run", "playground.prompt", "playground.max_new_tokens", "playground.temperature",
+           "playground.top_p", "playground.seed", "playground.template"]
+    outs = ["playground.base", "playground.tuned"]
+    slot = dict(concurrency_id="playground", concurrency_limit=2)
+    ui.on(ui["playground.generate"].click, generate, ins, outs, api_name="generate", **slot)
+    ui.on(ui["playground.prompt"].submit, generate, ins, outs, **slot)
+
+    def evaluate(v):
+        text, rows = playground_tab.evaluate(root, v["playground.run"])
+        return {"playground.eval_text": text, "playground.eval_rows": rows}
+
+    ui.on(ui["playground.evaluate"].click, evaluate, ["playground.run"],
+          ["playground.eval_text", "playground.eval_rows"], api_name="evaluate", **slot)
 
 
 # --- analysis ------------------------------------------------------------------------------
 
-def _wire_analysis(a, tab, root: Path):
-    def refresh(run_a, run_b):
+def _wire_analysis(ui: Registry, root: Path):
+    def refresh(v):
         ids = export_tab.exportable(root)
         pick = lambda cur: cur if cur in ids else (ids[0] if ids else None)
-        return gr.update(choices=ids, value=pick(run_a)), gr.update(choices=ids, value=pick(run_b))
+        return {"analysis.run_a": gr.update(choices=ids, value=pick(v["analysis.run_a"])),
+                "analysis.run_b": gr.update(choices=ids, value=pick(v["analysis.run_b"]))}
 
-    tab.select(refresh, [a.run_a, a.run_b], [a.run_a, a.run_b], **LIGHT)
-    a.run_a.change(lambda run_id: gr.update(choices=analysis_tab.modules(root, run_id), value=None),
-                   [a.run_a], [a.module], **LIGHT)
-    a.btn_subspace.click(functools.partial(analysis_tab.subspace, root), [a.run_a, a.run_b, a.module, a.which],
-                         [a.heatmap, a.summary], api_name="analyze_subspace", **HEAVY)
-    a.btn_spectrum.click(functools.partial(analysis_tab.spectrum, root), [a.run_a],
-                         [a.spectrum_plot, a.spectrum_table], api_name="analyze_spectrum", **HEAVY)
-    a.btn_amp.click(functools.partial(analysis_tab.amplification, root), [a.run_a], [a.amp_table],
-                    api_name="analyze_amplification", **HEAVY)
+    runs_ab = ["analysis.run_a", "analysis.run_b"]
+    ui.on(ui["analysis.tab"].select, refresh, runs_ab, runs_ab, **LIGHT)
+    ui.on(ui["analysis.run_a"].change,
+          lambda v: {"analysis.module": gr.update(choices=analysis_tab.modules(root, v["analysis.run_a"]), value=None)},
+          ["analysis.run_a"], ["analysis.module"], **LIGHT)
+
+    def subspace(v):
+        fig, text = analysis_tab.subspace(root, v["analysis.run_a"], v["analysis.run_b"], v["analysis.module"],
+                                          v["analysis.which"])
+        return {"analysis.heatmap": fig, "analysis.summary": text}
+
+    def spectrum(v):
+        fig, table = analysis_tab.spectrum(root, v["analysis.run_a"])
+        return {"analysis.spectrum_plot": fig, "analysis.spectrum_table": table}
+
+    ui.on(ui["analysis.btn_subspace"].click, subspace, runs_ab + ["analysis.module", "analysis.which"],
+          ["analysis.heatmap", "analysis.summary"], api_name="analyze_subspace", **HEAVY)
+    ui.on(ui["analysis.btn_spectrum"].click, spectrum, ["analysis.run_a"],
+          ["analysis.spectrum_plot", "analysis.spectrum_table"], api_name="analyze_spectrum", **HEAVY)
+    ui.on(ui["analysis.btn_amp"].click,
+          lambda v: {"analysis.amp_table": analysis_tab.amplification(root, v["analysis.run_a"])},
+          ["analysis.run_a"], ["analysis.amp_table"], api_name="analyze_amplification", **HEAVY)
 
 
 # --- launch --------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Data tab: built-in datasets or an upload, checked and previewed before any training starts."""
+"""Data tab: built-in datasets or an upload, checked and previewed before any training starts.
+
+Components are registered under "data.NAME"; the widgets start at DataConfig's defaults.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +9,37 @@ import html
 import os
 import re
 import shutil
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 
 from studio import data, models
 from studio.config import DATA_FORMATS, DataConfig, field_help
 from studio.errors import StudioError
+from studio.ui.registry import Registry
 
 DATA_HELP = field_help(DataConfig)
 UPLOAD_KINDS = [".jsonl", ".json", ".csv", ".parquet", ".txt"]
 MAX_UPLOAD_MB = 200
+# The values `data_config` reads.
+DATA_FORM = ("data.dataset_select", "data.data_format", "data.eval_fraction", "data.max_length", "data.packing",
+             "data.train_on_prompt")
+
+
+def data_values(d: DataConfig) -> dict[str, Any]:
+    """The Data tab's widget values for data settings (the dataset itself aside: it follows the task)."""
+    return {"data.data_format": d.format, "data.eval_fraction": d.eval_fraction, "data.max_length": d.max_length,
+            "data.packing": d.packing, "data.train_on_prompt": d.train_on_prompt}
+
+
+def data_config(v: Mapping[str, Any], base: DataConfig) -> DataConfig:
+    """The DATA_FORM values over `base` (the fields without a widget keep its values); not validated here."""
+    return replace(base, path=v["data.dataset_select"] or "", format=v["data.data_format"] or "auto",
+                   eval_fraction=float(v["data.eval_fraction"]), max_length=int(v["data.max_length"]),
+                   packing=bool(v["data.packing"]), train_on_prompt=bool(v["data.train_on_prompt"]))
 
 
 def max_upload_mb() -> float:
@@ -122,29 +144,37 @@ def preview(path: str, fmt: str, max_length: float, model_state: dict):
     return rows, "<br>".join(info), None
 
 
+def preview_view(v: Mapping[str, Any]) -> dict[str, Any]:
+    """`preview` of the chosen dataset as updates of the Data tab."""
+    import pandas as pd
+
+    rows, info, _ = preview(v["data.dataset_select"], v["data.data_format"], v["data.max_length"], v["model.state"])
+    return {"data.dataset_preview": pd.DataFrame(rows), "data.data_info": info}
+
+
 def _cell(v) -> str:
     s = v if isinstance(v, str) else str(v)
     return s if len(s) <= 300 else s[:300] + "…"
 
 
-def build(runs_dir: Path) -> SimpleNamespace:
-    ui = SimpleNamespace()
+def build(ui: Registry, runs_dir: Path) -> None:
+    d = DataConfig()
+    c = {}
     with gr.Row():
-        ui.dataset_select = gr.Dropdown(dataset_choices(runs_dir), value=default_dataset("causal_lm"),
-                                        label="Dataset", elem_id="dataset-select", scale=3, info=DATA_HELP["path"])
-        ui.data_format = gr.Dropdown(list(DATA_FORMATS), value="auto", label="Format", scale=1,
-                                     info=DATA_HELP["format"])
-        ui.dataset_upload = gr.UploadButton("Upload a dataset", file_types=UPLOAD_KINDS, elem_id="dataset-upload",
-                                            scale=1)
+        c["dataset_select"] = gr.Dropdown(dataset_choices(runs_dir), value=default_dataset("causal_lm"),
+                                          label="Dataset", elem_id="dataset-select", scale=3, info=DATA_HELP["path"])
+        c["data_format"] = gr.Dropdown(list(DATA_FORMATS), value=d.format, label="Format", scale=1,
+                                       info=DATA_HELP["format"])
+        c["dataset_upload"] = gr.UploadButton("Upload a dataset", file_types=UPLOAD_KINDS, elem_id="dataset-upload",
+                                              scale=1)
     with gr.Row():
-        ui.max_length = gr.Slider(16, 4096, value=256, step=16, label="max_length", info=DATA_HELP["max_length"])
-        ui.eval_fraction = gr.Slider(0.0, 0.5, value=0.1, step=0.01, label="eval_fraction",
-                                     info=DATA_HELP["eval_fraction"])
-        ui.packing = gr.Checkbox(True, label="packing", info=DATA_HELP["packing"])
-        ui.train_on_prompt = gr.Checkbox(False, label="train_on_prompt", info=DATA_HELP["train_on_prompt"])
-    ui.data_info = gr.Markdown(elem_id="data-info")
-    ui.dataset_preview = gr.Dataframe(elem_id="dataset-preview", label="First rows", wrap=True, max_height=360,
-                                      interactive=False)
-    ui.data_error = gr.State(None)
-    ui.inputs = [ui.dataset_select, ui.data_format, ui.eval_fraction, ui.max_length, ui.packing, ui.train_on_prompt]
-    return ui
+        c["max_length"] = gr.Slider(16, 4096, value=d.max_length, step=16, label="max_length",
+                                    info=DATA_HELP["max_length"])
+        c["eval_fraction"] = gr.Slider(0.0, 0.5, value=d.eval_fraction, step=0.01, label="eval_fraction",
+                                       info=DATA_HELP["eval_fraction"])
+        c["packing"] = gr.Checkbox(d.packing, label="packing", info=DATA_HELP["packing"])
+        c["train_on_prompt"] = gr.Checkbox(d.train_on_prompt, label="train_on_prompt", info=DATA_HELP["train_on_prompt"])
+    c["data_info"] = gr.Markdown(elem_id="data-info")
+    c["dataset_preview"] = gr.Dataframe(elem_id="dataset-preview", label="First rows", wrap=True, max_height=360,
+                                        interactive=False)
+    ui.add("data", **c)

@@ -1,28 +1,35 @@
 """Model tab: pick a model, tick LoRA targets in its tree, move sliders, see the live count.
 
-Handlers are plain functions of widget values returning plain values (and a few gr.update
-calls for choices); they are tested without a browser.
+Components are registered under "model.NAME" (studio/ui/registry.py); handlers take the values
+they need by those names and return updates by name, so they are tested without a browser.
+The sliders start at the config's defaults (studio.config); a loaded model brings its own.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import gradio as gr
 
 from studio import lora, models
-from studio.config import LoraSettings, field_help, parse_layers
+from studio.config import LoraSettings, field_help, parse_layers, starter_config
 from studio.errors import ConfigError, StudioError
 from studio.models.shards import pickled_files
 from studio.models.tree import ModelTree, human, model_tree
+from studio.ui.registry import Registry
 from studio.ui.widgets.charts import param_chart
 from studio.ui.widgets.tree_view import ModuleTree, leaf_index, render_tree
 
 DEFAULT_MODEL = "tiny-llama"
 ALL_LINEAR_CHOICE = "all-linear"
 LORA_HELP = field_help(LoraSettings)
+# The values `selection` reads: the model loaded, the ticked modules and the LoRA settings.
+LORA_FORM = ("model.state", "model.module_tree", "model.layers", "model.lora_r", "model.lora_alpha",
+             "model.lora_dropout", "model.bias", "model.use_rslora", "model.use_dora", "model.modules_to_save",
+             "model.rank_pattern")
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -44,18 +51,28 @@ class Selection:
     error: str | None = None
 
 
-# The built-in tiny models are random-init: with their output head frozen at its random init
-# the loss cannot fall far, so their default also adapts the head (loss halves in 100 steps).
-TINY_DEFAULT_EXTRA = {"tiny-llama": ["lm_head"], "tiny-gpt2": ["lm_head"]}
+def default_targets(tree: ModelTree) -> set[str]:
+    """Module paths ticked when the model loads: what its starter config targets
+    (studio.config.STARTERS), else the query and value projections, whatever the model calls them."""
+    try:
+        matched = set(lora.resolve_targets(tree, starter_config(tree.model).lora).matched)
+    except StudioError:
+        matched = set()
+    if matched:
+        return matched
+    qv = lora.target_sets(tree).get("q+v") or []
+    wanted = qv if isinstance(qv, list) else []
+    return {m.path for m in tree.modules if m.path and any(m.path == w or m.path.endswith("." + w) for w in wanted)}
 
 
-def default_targets(tree: ModelTree) -> list[str]:
-    """q+v for real models; every linear layer and the head for the random-init built-ins."""
-    if tree.model in TINY_DEFAULT_EXTRA:
-        return list(tree.all_linear) + TINY_DEFAULT_EXTRA[tree.model]
-    sets = lora.target_sets(tree)
-    qv = sets.get("q+v") or []
-    return qv if isinstance(qv, list) else []
+def lora_values(s: LoraSettings) -> dict[str, Any]:
+    """The Model tab's widget values for LoRA settings (the inverse of `selection`, targets aside)."""
+    layers = s.layers_to_transform
+    return {"model.lora_r": s.r, "model.lora_alpha": s.lora_alpha, "model.lora_dropout": s.lora_dropout,
+            "model.layers": ",".join(str(i) for i in layers) if isinstance(layers, list) else str(layers or ""),
+            "model.bias": s.bias, "model.use_rslora": s.use_rslora, "model.use_dora": s.use_dora,
+            "model.modules_to_save": ", ".join(s.modules_to_save or []),
+            "model.rank_pattern": ", ".join(f"{k}={v}" for k, v in (s.rank_pattern or {}).items())}
 
 
 TRUST_NOTE = ("⚠ **trust_remote_code is on.** A model whose config names its own code (`auto_map`) gets "
@@ -69,18 +86,25 @@ def trust_note(on: bool) -> str:
     return TRUST_NOTE if on else ""
 
 
+def trust_changed(v: Mapping[str, Any]) -> dict[str, Any]:
+    return {"model.trust_note": trust_note(v["model.trust_remote_code"])}
+
+
 def tree_of(state: dict) -> ModelTree:
     """The tree of the model in `state`, as it was loaded (task and trust_remote_code included)."""
     return model_tree(state.get("ref", DEFAULT_MODEL), state.get("task", "causal_lm"),
                       bool(state.get("trust_remote_code")))
 
 
-def load(ref: str, task: str | None = None, trust_remote_code: bool = False):
-    """Build the tree of `ref` (meta device) and the default selection.
+class Loaded(NamedTuple):
+    tree: dict  # module-tree update: tree_html and the ticked keys
+    types: dict  # target-types update: choices and the ticked types
+    summary: str
+    state: dict  # {"ref", "task", "explore_only", "trust_remote_code"}
 
-    Returns (tree_html, selected keys, type choices update, selected types, summary markdown,
-    model state dict).
-    """
+
+def load(ref: str, task: str | None = None, trust_remote_code: bool = False) -> Loaded:
+    """Build the tree of `ref` (meta device) and the default selection; refusals raise gr.Error."""
     ref = (ref or "").strip() or DEFAULT_MODEL
     trust_remote_code = bool(trust_remote_code)
     try:
@@ -94,13 +118,20 @@ def load(ref: str, task: str | None = None, trust_remote_code: bool = False):
         raise gr.Error(msg, print_exception=False) from None
     index = leaf_index(tree)
     wanted = default_targets(tree)
-    keys = [k for k, paths in index.items() if any(p == w or p.endswith("." + w) for p in paths for w in wanted)]
+    keys = [k for k, paths in index.items() if wanted & set(paths)]
     types = tree.targetable_types()
     chosen_types = types_from_keys(tree, keys)
     summary = summary_markdown(ref, src, tree, trust_remote_code)
     state = {"ref": ref, "task": task, "explore_only": src.explore_only, "trust_remote_code": trust_remote_code}
-    return (gr.update(tree_html=render_tree(tree), value=keys),
-            gr.update(choices=types + [ALL_LINEAR_CHOICE], value=chosen_types), summary, state)
+    return Loaded(gr.update(tree_html=render_tree(tree), value=keys),
+                  gr.update(choices=types + [ALL_LINEAR_CHOICE], value=chosen_types), summary, state)
+
+
+def load_view(ref: str, task: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """`load` as updates of the Model tab, by name."""
+    out = load(ref, task, trust_remote_code)
+    return {"model.module_tree": out.tree, "model.target_types": out.types, "model.summary": out.summary,
+            "model.state": out.state}
 
 
 def summary_markdown(ref: str, src, tree: ModelTree, trust_remote_code: bool = False) -> str:
@@ -177,9 +208,12 @@ def parse_rank_pattern(text: str) -> dict[str, int]:
     return out
 
 
-def selection(state: dict, keys: list[str], layers: str, r: float, alpha: float, dropout: float, bias: str,
-              rslora: bool, dora: bool, mts: str, rank_pattern: str) -> Selection:
-    """Widget values -> LoRA settings; `error` says why they can't train (never raises)."""
+def selection(v: Mapping[str, Any]) -> Selection:
+    """The LORA_FORM values, by name -> LoRA settings; `error` says why they can't train (never raises)."""
+    state, keys, layers = v["model.state"] or {}, v["model.module_tree"], v["model.layers"]
+    r, alpha, dropout = v["model.lora_r"], v["model.lora_alpha"], v["model.lora_dropout"]
+    bias, rslora, dora = v["model.bias"], v["model.use_rslora"], v["model.use_dora"]
+    mts, rank_pattern = v["model.modules_to_save"], v["model.rank_pattern"]
     ref = state.get("ref", DEFAULT_MODEL)
     tree = tree_of(state)
     error = None
@@ -199,6 +233,25 @@ def selection(state: dict, keys: list[str], layers: str, r: float, alpha: float,
                                 target_modules=["(none)"])
         error = str(e)
     return Selection(ref, tree.task, tree, settings, error)
+
+
+def recount(v: Mapping[str, Any]) -> dict[str, Any]:
+    """The live count and chart for the LORA_FORM values."""
+    html_text, fig, _ = count_view(selection(v))
+    return {"model.param_count": html_text, "model.param_chart": fig}
+
+
+def types_changed(v: Mapping[str, Any]) -> dict[str, Any]:
+    """A type box ticked or unticked: tick or untick its modules in the tree, keep other ticks."""
+    tree = tree_of(v["model.state"])
+    keys = keys_from_types(tree, v["model.target_types"], v["model.module_tree"], v["model.types_state"])
+    return {"model.module_tree": keys, "model.types_state": v["model.target_types"]}
+
+
+def tree_changed(v: Mapping[str, Any]) -> dict[str, Any]:
+    """Modules ticked in the tree: the type boxes follow."""
+    types = types_from_keys(tree_of(v["model.state"]), v["model.module_tree"])
+    return {"model.target_types": types, "model.types_state": types}
 
 
 def count_view(sel: Selection) -> tuple[str, object, str | None]:
@@ -255,49 +308,59 @@ def sweep_view(state: dict):
     return fig, pd.DataFrame(table)
 
 
-def build(model_state: gr.State) -> SimpleNamespace:
-    """The Model tab's components; events are wired by the caller (they touch other tabs)."""
-    ui = SimpleNamespace()
+def sweep(v: Mapping[str, Any]) -> dict[str, Any]:
+    fig, table = sweep_view(v["model.state"])
+    return {"model.sweep_plot": fig, "model.sweep_table": table}
+
+
+def build(ui: Registry) -> None:
+    """The Model tab's components, registered as "model.NAME"; events are wired by the app (they touch other tabs)."""
+    start = starter_config(DEFAULT_MODEL)
+    lv = lora_values(start.lora)
+    c = {"state": gr.State({"ref": DEFAULT_MODEL, "task": start.model.task, "explore_only": False})}
     with gr.Row():
-        ui.model_select = gr.Dropdown(model_choices(), value=DEFAULT_MODEL, allow_custom_value=True,
-                                      label="Model", elem_id="model-select", scale=4,
-                                      info="built-in, preset (explore only), a local folder or a Hub id")
-        ui.task = gr.Radio(["causal_lm", "seq_cls"], value="causal_lm", label="Task", scale=2,
-                           info="seq_cls adds a classification head trained in full")
+        c["model_select"] = gr.Dropdown(model_choices(), value=DEFAULT_MODEL, allow_custom_value=True,
+                                        label="Model", elem_id="model-select", scale=4,
+                                        info="built-in, preset (explore only), a local folder or a Hub id")
+        c["task"] = gr.Radio(["causal_lm", "seq_cls"], value=start.model.task, label="Task", scale=2,
+                             info="seq_cls adds a classification head trained in full")
         with gr.Column(scale=1, min_width=160):
-            ui.model_load = gr.Button("Load", variant="primary", elem_id="model-load")
-            ui.trust_remote_code = gr.Checkbox(False, label="trust_remote_code", elem_id="trust-remote-code",
-                                               info="run Python code that comes with the model")
-    ui.trust_note = gr.Markdown(elem_id="trust-note")
-    ui.summary = gr.Markdown(elem_id="model-summary")
+            c["model_load"] = gr.Button("Load", variant="primary", elem_id="model-load")
+            c["trust_remote_code"] = gr.Checkbox(start.model.trust_remote_code, label="trust_remote_code",
+                                                 elem_id="trust-remote-code",
+                                                 info="run Python code that comes with the model")
+    c["trust_note"] = gr.Markdown(elem_id="trust-note")
+    c["summary"] = gr.Markdown(elem_id="model-summary")
     with gr.Row():
         with gr.Column(scale=3):
-            ui.target_types = gr.CheckboxGroup([], label="Target module types", elem_id="target-types",
-                                               show_select_all=True,
-                                               info="one box per layer type; all-linear = every Linear but the head")
-            ui.module_tree = ModuleTree(elem_id="module-tree", label="Module tree")
+            c["target_types"] = gr.CheckboxGroup([], label="Target module types", elem_id="target-types",
+                                                 show_select_all=True,
+                                                 info="one box per layer type; all-linear = every Linear but the head")
+            c["module_tree"] = ModuleTree(elem_id="module-tree", label="Module tree")
         with gr.Column(scale=2):
-            ui.lora_r = gr.Slider(1, 256, value=8, step=1, label="r (rank)", elem_id="lora-r", info=LORA_HELP["r"])
-            ui.lora_alpha = gr.Slider(1, 512, value=16, step=1, label="lora_alpha", elem_id="lora-alpha",
-                                      info=LORA_HELP["lora_alpha"])
-            ui.lora_dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="lora_dropout",
-                                        elem_id="lora-dropout", info=LORA_HELP["lora_dropout"])
-            ui.layers = gr.Textbox(label="Layers (layers_to_transform)", placeholder="all layers, or e.g. 0-3,8",
-                                   elem_id="lora-layers", info=LORA_HELP["layers_to_transform"])
+            c["lora_r"] = gr.Slider(1, 256, value=lv["model.lora_r"], step=1, label="r (rank)", elem_id="lora-r",
+                                    info=LORA_HELP["r"])
+            c["lora_alpha"] = gr.Slider(1, 512, value=lv["model.lora_alpha"], step=1, label="lora_alpha",
+                                        elem_id="lora-alpha", info=LORA_HELP["lora_alpha"])
+            c["lora_dropout"] = gr.Slider(0.0, 0.5, value=lv["model.lora_dropout"], step=0.01, label="lora_dropout",
+                                          elem_id="lora-dropout", info=LORA_HELP["lora_dropout"])
+            c["layers"] = gr.Textbox(lv["model.layers"], label="Layers (layers_to_transform)",
+                                     placeholder="all layers, or e.g. 0-3,8", elem_id="lora-layers",
+                                     info=LORA_HELP["layers_to_transform"])
             with gr.Accordion("Advanced", open=False):
-                ui.bias = gr.Radio(["none", "all", "lora_only"], value="none", label="bias", info=LORA_HELP["bias"])
-                ui.rslora = gr.Checkbox(False, label="use_rslora", info=LORA_HELP["use_rslora"])
-                ui.dora = gr.Checkbox(False, label="use_dora", info=LORA_HELP["use_dora"])
-                ui.mts = gr.Textbox(label="modules_to_save", placeholder="e.g. lm_head", info=LORA_HELP["modules_to_save"])
-                ui.rank_pattern = gr.Textbox(label="rank_pattern (per-type rank)", placeholder="q_proj=16, v_proj=4",
-                                             info=LORA_HELP["rank_pattern"])
-            ui.param_count = gr.HTML(elem_id="param-count")
-    ui.param_chart = gr.Plot(elem_id="param-chart", label="Trainable parameters")
+                c["bias"] = gr.Radio(["none", "all", "lora_only"], value=lv["model.bias"], label="bias",
+                                     info=LORA_HELP["bias"])
+                c["use_rslora"] = gr.Checkbox(lv["model.use_rslora"], label="use_rslora", info=LORA_HELP["use_rslora"])
+                c["use_dora"] = gr.Checkbox(lv["model.use_dora"], label="use_dora", info=LORA_HELP["use_dora"])
+                c["modules_to_save"] = gr.Textbox(lv["model.modules_to_save"], label="modules_to_save",
+                                                  placeholder="e.g. lm_head", info=LORA_HELP["modules_to_save"])
+                c["rank_pattern"] = gr.Textbox(lv["model.rank_pattern"], label="rank_pattern (per-type rank)",
+                                               placeholder="q_proj=16, v_proj=4", info=LORA_HELP["rank_pattern"])
+            c["param_count"] = gr.HTML(elem_id="param-count")
+    c["param_chart"] = gr.Plot(elem_id="param-chart", label="Trainable parameters")
     with gr.Accordion("Cost explorer: r × target sets, before downloading anything", open=False):
-        ui.sweep_btn = gr.Button("Explore this model", elem_id="sweep-btn")
-        ui.sweep_plot = gr.Plot(elem_id="sweep-plot", label="Adapter size by rank")
-        ui.sweep_table = gr.Dataframe(elem_id="sweep-table", interactive=False, max_height=320)
-    ui.types_state = gr.State([])
-    ui.lora_inputs = [model_state, ui.module_tree, ui.layers, ui.lora_r, ui.lora_alpha, ui.lora_dropout, ui.bias,
-                      ui.rslora, ui.dora, ui.mts, ui.rank_pattern]
-    return ui
+        c["sweep_btn"] = gr.Button("Explore this model", elem_id="sweep-btn")
+        c["sweep_plot"] = gr.Plot(elem_id="sweep-plot", label="Adapter size by rank")
+        c["sweep_table"] = gr.Dataframe(elem_id="sweep-table", interactive=False, max_height=320)
+    c["types_state"] = gr.State([])
+    ui.add("model", **c)

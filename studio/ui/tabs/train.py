@@ -1,60 +1,64 @@
 """Train tab: hyperparameters, Start/Stop, and the live view of the run (studio/ui/live.py).
 
 The trainer is a separate process started through the runs manager; this tab only starts and
-stops it and reads its run directory.
+stops it and reads its run directory. The form a run is made from spans three tabs (FORM, by
+name); whether it may start is the engine's preflight, the answer `studio train` gives, asked
+while the form changes (Start is disabled with the reason) and again when Start is clicked.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 
 from studio import runs
-from studio.config import SCHEDULERS, DataConfig, ModelConfig, RunConfig, TrainConfig, field_help
+from studio.config import (
+    SCHEDULERS,
+    DataConfig,
+    LoraSettings,
+    RunConfig,
+    TrainConfig,
+    field_help,
+    starter_config,
+)
 from studio.errors import ConfigError, StudioError
+from studio.runs.preflight import preflight
 from studio.ui import live
-from studio.ui.tabs.model import selection
+from studio.ui.registry import Registry
+from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import model as model_tab
 
 TRAIN_HELP = field_help(TrainConfig)
 FINAL = set(runs.FINAL_STATES)
+# TrainConfig fields with a widget, each registered as "train.<field>".
+TRAIN_FIELDS = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "eval_steps", "save_steps", "seed")
+TRAIN_FORM = tuple(f"train.{f}" for f in TRAIN_FIELDS)
+# Every value a run is made from, across the Model, Data and Train tabs.
+FORM = model_tab.LORA_FORM + data_tab.DATA_FORM + TRAIN_FORM
+# What picking a model sets (`model_settings`).
+SETTINGS_FORM = (tuple(model_tab.lora_values(LoraSettings())) + tuple(data_tab.data_values(DataConfig())) + TRAIN_FORM
+                 + ("model.task", "data.dataset_select"))
+TRAINING = "a run is training: stop it before starting another"
 
 
-def build_config(model_state: dict, lora_values: list, data_values: list, train_values: list) -> RunConfig:
-    """Widget values -> a validated RunConfig (raises ConfigError naming the field)."""
-    if model_state.get("explore_only"):
-        from studio.models.shards import pickled_files
+def train_values(t: TrainConfig) -> dict[str, Any]:
+    return {f"train.{f}": getattr(t, f) for f in TRAIN_FIELDS}
 
-        ref = model_state.get("ref")
-        pickled = pickled_files(Path(str(ref))) if ref else []
-        if pickled:
-            raise ConfigError(f"{ref} has only pickled weights ({', '.join(pickled[:3])}), which are never loaded "
-                              "(a pickle can run code); convert them to safetensors to train")
-        raise ConfigError(f"{ref} is explore-only (no weights); pick a built-in or a folder with weights to train")
-    sel = selection(model_state, *lora_values)
-    if sel.error:
-        raise ConfigError(sel.error)
-    from studio import lora
 
-    lora.check(sel.tree, sel.settings)  # targets that match nothing never reach a trainer
-    path, fmt, eval_fraction, max_length, packing, train_on_prompt = data_values
-    (lr, max_steps, epochs, batch, accum, scheduler, warmup, eval_steps, save_steps, seed) = train_values
-    cfg = RunConfig(
-        model=ModelConfig(name_or_path=sel.ref, task=sel.task,
-                          trust_remote_code=bool(model_state.get("trust_remote_code"))),
-        data=DataConfig(path=path or "", format=fmt or "auto", eval_fraction=float(eval_fraction),
-                        max_length=int(max_length), packing=bool(packing), train_on_prompt=bool(train_on_prompt)),
-        lora=sel.settings,
-        train=TrainConfig(learning_rate=_num(lr, "learning_rate"), max_steps=int(_num(max_steps, "max_steps")),
-                          num_train_epochs=_num(epochs, "num_train_epochs"),
-                          per_device_train_batch_size=int(batch), gradient_accumulation_steps=int(accum),
-                          lr_scheduler_type=scheduler, warmup_ratio=float(warmup),
-                          eval_steps=int(_num(eval_steps, "eval_steps")), save_steps=int(_num(save_steps, "save_steps")),
-                          seed=int(_num(seed, "seed"))),
-    )
-    return cfg.validate()
+def train_config(v: Mapping[str, Any], base: TrainConfig) -> TrainConfig:
+    """The TRAIN_FORM values over `base` (fields without a widget keep its values); not validated here."""
+    kw = {}
+    for f in TRAIN_FIELDS:
+        value, kind = v[f"train.{f}"], type(getattr(base, f))
+        kw[f] = value if kind is str else kind(_num(value, f))
+    return dataclasses.replace(base, **kw)
 
 
 def _num(v, name: str) -> float:
@@ -64,24 +68,73 @@ def _num(v, name: str) -> float:
         raise ConfigError(f"train.{name} must be a number, got {v!r}") from None
 
 
+def model_settings(ref: str, task: str) -> dict[str, Any]:
+    """The form's values when model `ref` is picked: its starter config (studio.config), and the
+    first built-in dataset of its task."""
+    cfg = starter_config(ref)
+    return {**model_tab.lora_values(cfg.lora), **data_tab.data_values(cfg.data), **train_values(cfg.train),
+            "model.task": task, "data.dataset_select": data_tab.default_dataset(task)}
+
+
+def form_for(ref: str = model_tab.DEFAULT_MODEL, task: str | None = None, trust_remote_code: bool = False,
+             **changes) -> dict[str, Any]:
+    """The FORM values right after `ref` loads (ticked modules included), with `changes` by name
+    ({"train.max_steps": 5}, or as keywords without the tab: max_steps=5)."""
+    loaded = model_tab.load_view(ref, task, trust_remote_code)
+    state = loaded["model.state"]
+    values = {**model_settings(state["ref"], state["task"]), "model.state": state,
+              "model.module_tree": loaded["model.module_tree"]["value"]}
+    values = {k: values[k] for k in FORM}
+    for name, value in changes.items():
+        key = name if name in values else next((k for k in values if k.split(".", 1)[1] == name), name)
+        if key not in values:
+            raise KeyError(f"{name!r} is not a form value; form values: {', '.join(values)}")
+        values[key] = value
+    return values
+
+
+def build_config(v: Mapping[str, Any]) -> RunConfig:
+    """The FORM values, by name -> a validated RunConfig (raises ConfigError naming the field).
+
+    Whether it can start is preflight's question (`refusal`), not this one's."""
+    sel = model_tab.selection(v)
+    if sel.error:
+        raise ConfigError(sel.error)
+    state = v["model.state"] or {}
+    base = starter_config(sel.ref)
+    cfg = RunConfig(
+        model=dataclasses.replace(base.model, name_or_path=sel.ref, task=sel.task,
+                                  trust_remote_code=bool(state.get("trust_remote_code"))),
+        data=data_tab.data_config(v, base.data), lora=sel.settings, train=train_config(v, base.train))
+    return cfg.validate()
+
+
+def refusal(v: Mapping[str, Any]) -> str | None:
+    """Why the form cannot start a run: the message `studio train` gives for the same config, or None."""
+    try:
+        preflight(build_config(v))
+    except StudioError as e:
+        return str(e)
+    return None
+
+
 def cli_command(run_dir: Path) -> str:
     return f"studio train {shlex.quote(str(run_dir / runs.CONFIG))}"
 
 
-def start(runs_dir: Path, model_state: dict, lora_values: list, data_values: list, train_values: list) -> dict:
-    """Start a run; returns the live view's value for it. Refusals raise gr.Error with the reason."""
+def start(runs_dir: Path, v: Mapping[str, Any]) -> dict[str, Any]:
+    """Start a run from the FORM values; returns the live view's value for it. Refusals raise
+    gr.Error with preflight's reason, before a run folder exists."""
     try:
-        cfg = build_config(model_state, lora_values, data_values, train_values)
-        from studio import data
-
-        data.load_records(cfg.data.path, cfg.data.format)  # bad data is refused before a process starts
+        cfg = build_config(v)
+        preflight(cfg)  # a click can arrive before the gate caught up, or not from this page at all
         run_dir = runs.start_run(cfg, runs_dir)
         live.forget_active(runs_dir)
     except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     except OSError as e:  # a full disk, a runs folder that is a file or read-only: the server stays up
         raise gr.Error(os_error_message(e, f"cannot write the runs folder {runs_dir}"), print_exception=False) from None
-    return {"run": run_dir.name, "active": True}
+    return {"train.live": {"run": run_dir.name, "active": True}}
 
 
 def os_error_message(e: OSError, what: str) -> str:
@@ -105,19 +158,22 @@ def config_view(run_dir: str | None) -> tuple[str, str]:
     return (p.read_text() if p.is_file() else ""), cli_command(Path(run_dir))
 
 
-def phase_view(root: Path, live: dict | None, model_reason: str | None, data_error: str | None):
-    """(start-reason, Start button, YAML, CLI line) for the run the live view follows
-    ({"run", "active"}) and the other tabs' verdicts on the model and the data."""
-    live = live or {}
-    active = bool(live.get("active"))
-    reason = ("a run is training: stop it before starting another" if active
-              else model_reason or (f"dataset: {data_error}" if data_error else None))
-    yaml_text, cli = config_view(str(root / live["run"]) if live.get("run") else None)
-    return (f"⚠ {reason}" if reason else ""), gr.update(interactive=reason is None), yaml_text, cli
+def phase_view(root: Path, v: Mapping[str, Any]) -> dict[str, Any]:
+    """Start-reason, Start button, YAML and CLI line for the run the live view follows
+    ({"run", "active"} under "train.live") and the FORM values."""
+    followed = v["train.live"] or {}
+    reason = TRAINING if followed.get("active") else refusal(v)
+    yaml_text, cli = config_view(str(root / followed["run"]) if followed.get("run") else None)
+    return {"train.start_reason": reason_html(reason), "train.train_start": gr.update(interactive=reason is None),
+            "train.run_yaml": yaml_text, "train.run_cli": cli}
 
 
-def stop(root: Path, live: dict | None) -> None:
-    run = (live or {}).get("run")
+def reason_html(reason: str | None) -> str:
+    return f"⚠ {html.escape(reason)}" if reason else ""
+
+
+def stop(root: Path, v: Mapping[str, Any]) -> None:
+    run = (v["train.live"] or {}).get("run")
     if not run:
         raise gr.Error("no run to stop", print_exception=False)
     try:
@@ -126,33 +182,35 @@ def stop(root: Path, live: dict | None) -> None:
         raise gr.Error(str(e), print_exception=False) from None
 
 
-def build() -> SimpleNamespace:
-    ui = SimpleNamespace()
-    d = TrainConfig()
+def build(ui: Registry) -> None:
+    t = starter_config(model_tab.DEFAULT_MODEL).train
+    help_ = TRAIN_HELP
+    c = {}
     with gr.Row():
-        ui.learning_rate = gr.Number(2e-3, label="learning_rate", info=TRAIN_HELP["learning_rate"])
-        ui.max_steps = gr.Number(100, precision=0, label="max_steps", info=TRAIN_HELP["max_steps"])
-        ui.epochs = gr.Number(d.num_train_epochs, label="num_train_epochs", info=TRAIN_HELP["num_train_epochs"])
-        ui.batch = gr.Slider(1, 128, value=8, step=1, label="per_device_train_batch_size",
-                             info=TRAIN_HELP["per_device_train_batch_size"])
-        ui.accum = gr.Slider(1, 64, value=1, step=1, label="gradient_accumulation_steps",
-                             info=TRAIN_HELP["gradient_accumulation_steps"])
+        c["learning_rate"] = gr.Number(t.learning_rate, label="learning_rate", info=help_["learning_rate"])
+        c["max_steps"] = gr.Number(t.max_steps, precision=0, label="max_steps", info=help_["max_steps"])
+        c["num_train_epochs"] = gr.Number(t.num_train_epochs, label="num_train_epochs",
+                                          info=help_["num_train_epochs"])
+        c["per_device_train_batch_size"] = gr.Slider(1, 128, value=t.per_device_train_batch_size, step=1,
+                                                     label="per_device_train_batch_size",
+                                                     info=help_["per_device_train_batch_size"])
+        c["gradient_accumulation_steps"] = gr.Slider(1, 64, value=t.gradient_accumulation_steps, step=1,
+                                                     label="gradient_accumulation_steps",
+                                                     info=help_["gradient_accumulation_steps"])
     with gr.Row():
-        ui.scheduler = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler_type, label="lr_scheduler_type",
-                                   info=TRAIN_HELP["lr_scheduler_type"])
-        ui.warmup = gr.Slider(0.0, 0.5, value=d.warmup_ratio, step=0.01, label="warmup_ratio",
-                              info=TRAIN_HELP["warmup_ratio"])
-        ui.eval_steps = gr.Number(d.eval_steps, precision=0, label="eval_steps", info=TRAIN_HELP["eval_steps"])
-        ui.save_steps = gr.Number(d.save_steps, precision=0, label="save_steps", info=TRAIN_HELP["save_steps"])
-        ui.seed = gr.Number(d.seed, precision=0, label="seed", info=TRAIN_HELP["seed"])
+        c["lr_scheduler_type"] = gr.Dropdown(list(SCHEDULERS), value=t.lr_scheduler_type, label="lr_scheduler_type",
+                                             info=help_["lr_scheduler_type"])
+        c["warmup_ratio"] = gr.Slider(0.0, 0.5, value=t.warmup_ratio, step=0.01, label="warmup_ratio",
+                                      info=help_["warmup_ratio"])
+        c["eval_steps"] = gr.Number(t.eval_steps, precision=0, label="eval_steps", info=help_["eval_steps"])
+        c["save_steps"] = gr.Number(t.save_steps, precision=0, label="save_steps", info=help_["save_steps"])
+        c["seed"] = gr.Number(t.seed, precision=0, label="seed", info=help_["seed"])
     with gr.Row():
-        ui.train_start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
-        ui.train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
-        ui.start_reason = gr.Markdown(elem_id="start-reason")
-    ui.live = live.LiveRun(elem_id="run-live")  # run-status, run-progress and loss-plot, polled by the page
+        c["train_start"] = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
+        c["train_stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
+        c["start_reason"] = gr.HTML(elem_id="start-reason")
+    c["live"] = live.LiveRun(elem_id="run-live")  # run-status, run-progress and loss-plot, polled by the page
     with gr.Accordion("Show YAML / CLI", open=False):
-        ui.run_yaml = gr.Code(language="yaml", label="config.yaml", elem_id="run-yaml")
-        ui.run_cli = gr.Textbox(label="Repeat this run from a terminal", elem_id="run-cli", buttons=["copy"])
-    ui.inputs = [ui.learning_rate, ui.max_steps, ui.epochs, ui.batch, ui.accum, ui.scheduler, ui.warmup,
-                 ui.eval_steps, ui.save_steps, ui.seed]
-    return ui
+        c["run_yaml"] = gr.Code(language="yaml", label=runs.CONFIG, elem_id="run-yaml")
+        c["run_cli"] = gr.Textbox(label="Repeat this run from a terminal", elem_id="run-cli", buttons=["copy"])
+    ui.add("train", **c)
