@@ -50,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     from studio.cli.evaluate import add_parser as add_eval_parser
     from studio.cli.export import add_parser as add_export_parser
     from studio.cli.runs import add_parsers
+    from studio.cli.sweep import add_parser as add_sweep_parser
 
     add_parsers(sub)
+    add_sweep_parser(sub)
     add_eval_parser(sub)
     add_export_parser(sub)
     return p
@@ -145,8 +147,9 @@ def _commands() -> dict:
     from studio.cli.evaluate import COMMANDS as EVAL
     from studio.cli.export import COMMANDS as EXPORT
     from studio.cli.runs import COMMANDS as ENGINE
+    from studio.cli.sweep import COMMANDS as SWEEP
 
-    return {"tree": cmd_tree, "count": cmd_count, **ENGINE, **EVAL, **EXPORT}
+    return {"tree": cmd_tree, "count": cmd_count, **ENGINE, **EVAL, **SWEEP, **EXPORT}
 
 
 def _conversion_progress():
