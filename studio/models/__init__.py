@@ -1,4 +1,4 @@
-"""Model references (built-ins, presets, folders, Hub ids), the module tree and weights on disk."""
+"""Model references (built-ins, presets, folders, .gguf files, Hub ids), the module tree and weights on disk."""
 
 from studio.errors import ModelRefError  # noqa: F401
 from studio.models.registry import (  # noqa: F401
@@ -8,6 +8,9 @@ from studio.models.registry import (  # noqa: F401
     CHAT_TEMPLATE,
     PRESETS_DIR,
     SEED,
+    SMOLLM2,
+    SMOLLM2_PIP,
+    TINY,
     TINY_GPT2,
     TINY_LLAMA,
     ModelSource,
@@ -23,5 +26,6 @@ from studio.models.registry import (  # noqa: F401
     presets,
     resolve,
     resolve_dtype,
+    smollm2_gguf,
     summary,
 )
