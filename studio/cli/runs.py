@@ -175,8 +175,10 @@ def cmd_runs(a) -> int:
 
     listed = runs.list_runs(a.runs_dir)
     if a.json:
+        from studio.evaluate import list_evals
+
         keys = ("id", "dir", "state", "step", "max_steps", "last_loss", "eval_loss", "error")
-        _print_json({"runs": [{k: r.get(k) for k in keys} for r in listed]})
+        _print_json({"runs": [{**{k: r.get(k) for k in keys}, "evals": list_evals(r["dir"])} for r in listed]})
         return 0
     if not listed:
         print(f"no runs in {runs.runs_dir(a.runs_dir)}")
