@@ -265,6 +265,16 @@ STARTERS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"learning_rate": 1.0e-3, "max_steps": 90, "per_device_train_batch_size": 16, "eval_steps": 30,
                   "save_steps": 90},
     },
+    # The newcomer's first run (bench/first_hour.py): profile-json's one-line JSON answers become
+    # the model's habit in 24 steps of 4 x 256 tokens (about 25k tokens, half an epoch; a few minutes
+    # on a 2-core CPU). All linear layers at r=16 and a high rate, since the whole answer format
+    # changes; the eval split is small, evaluated once at the end, so it costs little of that time.
+    "smollm2-135m-instruct": {
+        "data": {"path": "assets/datasets/profile-json.jsonl", "eval_fraction": 0.05, "max_length": 256},
+        "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "train": {"learning_rate": 2.0e-3, "max_steps": 24, "per_device_train_batch_size": 4, "warmup_ratio": 0.1,
+                  "eval_steps": 24, "save_steps": 12},
+    },
 }
 
 
