@@ -193,3 +193,39 @@ def test_playground_and_analysis_on_the_trained_run(server, page):
     _wait(lambda: "mean φ(1,1)" in page.locator("#analysis-summary").inner_text(), timeout=120)
     assert "mean φ(1,1) = 1.000" in page.locator("#analysis-summary").inner_text()  # a run with itself
     _shot(page, "analysis")
+
+
+def _pick(page, dropdown_id, text):
+    page.locator(f"#{dropdown_id} input").click()
+    page.locator("li[role=option]", has_text=text).first.click()
+
+
+def test_start_is_disabled_with_the_cli_reason_for_an_impossible_combination(server, page):
+    """minilm-l6 (seq_cls) with the instruction dataset: Start is disabled and says what `studio
+    train` says for the same config; no run folder appears. Its own dataset enables Start again."""
+    from studio.ui.tabs import data as data_tab
+    from studio.ui.tabs import train as train_tab
+
+    url, runs = server
+    folders = {p.name for p in runs.iterdir()}
+    reason = train_tab.refusal(train_tab.form_for("minilm-l6",
+                                                  dataset_select=data_tab.default_dataset("causal_lm")))
+    assert reason and "model.task seq_cls needs text + label columns" in reason
+    page.goto(url)
+    page.wait_for_selector("#module-tree input[data-leaf]")
+    _pick(page, "model-select", "minilm-l6")
+    _wait(lambda: "seq_cls" in page.locator("#model-summary").inner_text(), timeout=60)
+    page.get_by_role("tab", name="Data").click()
+    _wait(lambda: "format classification" in page.locator("#data-info").inner_text().replace("*", ""), timeout=60)
+    _pick(page, "dataset-select", "instructions")
+    page.get_by_role("tab", name="Train").click()
+    _wait(lambda: reason in page.locator("#start-reason").inner_text(), timeout=60)
+    assert page.locator("#train-start").is_disabled()
+    assert page.locator("#start-reason").inner_text().strip() == f"⚠ {reason}"
+    _shot(page, "train-refused")
+    page.get_by_role("tab", name="Data").click()
+    _pick(page, "dataset-select", "sentiment")
+    page.get_by_role("tab", name="Train").click()
+    _wait(lambda: page.locator("#train-start").is_enabled(), timeout=60)
+    assert page.locator("#start-reason").inner_text().strip() == ""
+    assert {p.name for p in runs.iterdir()} == folders
