@@ -377,6 +377,13 @@ def test_widgets_start_at_the_config_defaults_and_a_model_brings_its_starter_set
     assert mini["model.module_tree"]["value"] == ["bert.encoder.layer.0-5.attention.self.query",
                                                   "bert.encoder.layer.0-5.attention.self.value"]
     assert train_tab.build_config(train_tab.form_for("minilm-l6")).lora.target_modules == ["query", "value"]
+    # a starter that names its dataset picks it in the list (named as configs name built-ins)
+    STARTERS["test-model"] = {"data": {"path": "assets/datasets/sentiment.jsonl"}, "lora": {"r": 4}}
+    try:
+        picked = train_tab.model_settings("test-model", "causal_lm")
+    finally:
+        del STARTERS["test-model"]
+    assert picked["data.dataset_select"] == data_tab.default_dataset("seq_cls") and picked["model.lora_r"] == 4
 
 
 def test_start_is_refused_with_the_cli_message_before_any_run_folder(tmp_path, capsys):

@@ -66,6 +66,15 @@ def dataset_choices(runs_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
+def dataset_value(path: str) -> str:
+    """The dropdown's value for a config's data.path: a built-in, named as configs name it
+    ("assets/datasets/NAME.jsonl"), is the path the list shows; any other path is itself."""
+    for d in data.list_builtin():
+        if path == d["path"] or Path(d["path"]).as_posix().endswith("/" + Path(path).as_posix().lstrip("./")):
+            return d["path"]
+    return path
+
+
 def default_dataset(task: str) -> str:
     want = "seq_cls" if task == "seq_cls" else "causal_lm"
     for d in data.list_builtin():

@@ -69,11 +69,13 @@ def _num(v, name: str) -> float:
 
 
 def model_settings(ref: str, task: str) -> dict[str, Any]:
-    """The form's values when model `ref` is picked: its starter config (studio.config), and the
-    first built-in dataset of its task."""
+    """The form's values when model `ref` is picked: its starter config (studio.config), with the
+    dataset it names, else the first built-in dataset of its task."""
     cfg = starter_config(ref)
+    named = cfg.data.path != DataConfig().path
+    dataset = data_tab.dataset_value(cfg.data.path) if named else data_tab.default_dataset(task)
     return {**model_tab.lora_values(cfg.lora), **data_tab.data_values(cfg.data), **train_values(cfg.train),
-            "model.task": task, "data.dataset_select": data_tab.default_dataset(task)}
+            "model.task": task, "data.dataset_select": dataset}
 
 
 def form_for(ref: str = model_tab.DEFAULT_MODEL, task: str | None = None, trust_remote_code: bool = False,
