@@ -80,7 +80,8 @@ def test_config_only_folder_is_explore_only(tmp_path):
 
 
 @pytest.mark.parametrize("ref, needle", [
-    ("tiny-lama", "unknown model 'tiny-lama'; built-ins: tiny-llama, tiny-gpt2, minilm-l6; presets: bert-base-uncased"),
+    ("tiny-lama", "unknown model 'tiny-lama'; built-ins: tiny-llama, tiny-gpt2, minilm-l6, smollm2-135m-instruct; presets: "
+                  "bert-base-uncased"),
     ("", "model reference is empty"),
     ("someorg/some-model", "cannot fetch Hub model 'someorg/some-model' (HF_HUB_OFFLINE=1 is set)"),
 ])

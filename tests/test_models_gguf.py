@@ -90,6 +90,25 @@ def test_bad_gguf_files_are_refused_with_exit_2(tmp_path, capsys, case):
     assert cache_entries() == before  # nothing written, not even a temporary folder
 
 
+def _reader_facts(path: Path) -> tuple:
+    """The same facts from gguf-py's own (slower) reader: the reference for the studio's scan."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    types: dict[str, int] = {}
+    for t in r.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    end = max(t.data_offset + int(t.n_bytes) for t in r.tensors)
+    return r.fields["general.architecture"].contents(), len(r.tensors), types, end
+
+
+def test_scan_agrees_with_gguf_py(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", n_tensors=5)
+    info = gguf.inspect(path)
+    assert (info.architecture, info.tensor_count, info.tensor_types, info.data_end) == _reader_facts(path)
+    assert info.data_end == path.stat().st_size
+
+
 def test_truncated_file_is_refused_before_any_folder_exists(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_CACHE_DIR", str(tmp_path / "cache"))
     data = write_gguf(tmp_path / "whole.gguf").read_bytes()
@@ -219,6 +238,14 @@ def test_smollm2_folder_is_complete_and_honest(smollm2):
     fractions = [f for f, _ in smollm2["progress"]]
     assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
     assert len(fractions) >= 5
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_scan_of_the_real_file_agrees_with_gguf_py():
+    info = gguf.inspect(SMOLLM2_FILE)
+    assert (info.architecture, info.tensor_count, info.tensor_types, info.data_end) == _reader_facts(SMOLLM2_FILE)
+    assert info.tensor_types["Q4_1"] == 210 and info.data_end == SMOLLM2_FILE.stat().st_size
 
 
 @pytest.mark.slow

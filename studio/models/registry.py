@@ -127,7 +127,7 @@ def resolve(ref: str) -> ModelSource:
                            "config only (no weights): tree and counts")
     path = Path(ref).expanduser()
     if path.suffix.lower() == ".gguf" and not path.is_dir():
-        gguf.check_header(path)  # a missing file or one that is not a GGUF: refused here, in one line
+        gguf.inspect(path)  # missing, not a GGUF, truncated, unsupported: refused here, in one line
         return ModelSource(ref, "gguf", path, False, "causal_lm",
                            "GGUF file: dequantized to float32 once on first use (cached by content hash)")
     if path.exists() or ref.startswith((".", "/", "~")):
