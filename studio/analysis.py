@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from studio.adapters.file import CONFIG_NAME, AdapterFile, module_path, present
 from studio.config import load_config
 from studio.errors import AnalysisError, StudioError
 from studio.models.registry import build_meta_model, model_dir
 
-PEFT_PREFIX = "base_model.model."
-_FACTOR_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
-                    ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
 RANDOM_SEED = 0
 # Row blocks of a base weight converted to float64 at once: bounds the extra memory of
 # amplification to about this many bytes, whatever the layer's size.
@@ -46,59 +43,30 @@ _BLOCK_BYTES = 64 << 20
 
 # --- adapters -----------------------------------------------------------------------------
 
-class Adapter:
-    """A PEFT LoRA adapter on disk: its config and its (lora_A, lora_B) pairs, read on demand."""
+class Adapter(AdapterFile):
+    """A PEFT LoRA adapter for analysis: a run folder or an adapter folder, factors read on demand."""
 
     def __init__(self, path: str | Path):
-        self.dir, self.run_dir = _adapter_dir(Path(path))
-        self.config = _read_json(self.dir / "adapter_config.json")
-        self.file = self.dir / "adapter_model.safetensors"
-        if not self.file.is_file():
-            pickled = (self.dir / "adapter_model.bin").is_file()
-            extra = " (only a pickled adapter_model.bin, which is never loaded)" if pickled else ""
-            raise AnalysisError(f"{self.dir} has no adapter_model.safetensors{extra}")
-        self.modules: dict[str, dict] = {}  # module path -> {"A": key, "B": key, "embedding": bool}
-        with safe_open(str(self.file), "pt") as f:
-            self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        for key in self._shapes:
-            rest = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            for suffix, (role, emb) in _FACTOR_SUFFIXES.items():
-                if rest.endswith(suffix):
-                    self.modules.setdefault(rest[: -len(suffix)], {"embedding": emb})[role] = key
-        for module, parts in self.modules.items():
-            for role in ("A", "B"):
-                if role not in parts:
-                    raise AnalysisError(f"{self.file}: module {module} has no lora_{role}; the adapter file is incomplete")
-            a, b = self.shape(module, "A"), self.shape(module, "B")
-            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-                raise AnalysisError(f"{self.file}: module {module} has lora_A {a} and lora_B {b}; expected "
+        folder, self.run_dir = _adapter_dir(Path(path))
+        super().__init__(folder, error=AnalysisError)
+        for module in self.modules:
+            if not self.is_matrix(module):
+                a, b = self.shape(module, "A"), self.shape(module, "B")
+                raise AnalysisError(f"{self.weights_path}: module {module} has lora_A {a} and lora_B {b}; expected "
                                     "r x in and out x r (LoRA on convolutions is not analysed)")
         if not self.modules:
-            raise AnalysisError(f"{self.file} holds no lora_A / lora_B tensors")
-        # Model order (layers.2 before layers.10), not the file's alphabetical order.
-        self.modules = dict(sorted(self.modules.items(), key=lambda kv: _natural_key(kv[0])))
+            raise AnalysisError(f"{self.weights_path} holds no lora_A / lora_B tensors")
 
     def __repr__(self) -> str:
         return f"Adapter({str(self.dir)!r})"
 
     def shape(self, module: str, role: str) -> tuple:
-        return self._shapes[self.modules[module][role]]
-
-    def rank(self, module: str) -> int:
-        return self.shape(module, "A")[0]
+        m = self.module(module)
+        return self.shapes[m.a_key if role == "A" else m.b_key]
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in float64, A: r x in, B: out x r (embeddings: in = vocabulary, out = dim)."""
-        parts = self.modules[module]
-        with safe_open(str(self.file), "pt") as f:
-            return f.get_tensor(parts["A"]).double(), f.get_tensor(parts["B"]).double()
-
-    def scaling(self, module: str) -> float:
-        """lora_alpha / r (or / sqrt(r) with use_rslora), with PEFT's rank/alpha pattern rule."""
-        cfg = self.config
-        r = self.rank(module)
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
-        return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        return super().factors(module, torch.float64)
 
     def select(self, modules=None) -> list[str]:
         """Module paths in model order, optionally only those matching names (full path or .suffix)."""
@@ -118,31 +86,19 @@ class Adapter:
 
 def _adapter_dir(path: Path) -> tuple[Path, Path | None]:
     """(adapter folder, run folder or None) for a run folder or an adapter folder."""
-    if (path / "adapter_config.json").is_file():
+    if present(path):
         run = path.parent if (path.parent / "config.yaml").is_file() else None
         return path, run
-    if (path / "adapter" / "adapter_config.json").is_file():
+    if present(path / "adapter"):
         return path / "adapter", path
     if not path.exists():
         raise AnalysisError(f"{path} does not exist; give a run folder or an adapter folder")
-    raise AnalysisError(f"{path} has neither adapter_config.json nor adapter/adapter_config.json; "
+    raise AnalysisError(f"{path} has neither {CONFIG_NAME} nor adapter/{CONFIG_NAME}; "
                         "give a finished run folder or an adapter folder")
 
 
-def _natural_key(path: str) -> list:
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
-
-
-def _pattern_value(pattern: dict, module: str, default):
-    # PEFT's get_pattern_key: the first key that matches the end of the path at a dot boundary.
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return pattern[key]
-    return default
-
-
 def _match(name: str, modules) -> list[str]:
-    name = name.removeprefix(PEFT_PREFIX)
+    name = module_path(name)
     if name in modules:
         return [name]
     return [m for m in modules if m.endswith("." + name)]
@@ -340,9 +296,9 @@ def _base_dir(adapter: Adapter, base) -> Path:
         where = f"{adapter.run_dir / 'config.yaml'} (model.name_or_path)"
     elif base is None:
         base = adapter.config.get("base_model_name_or_path")
-        where = f"{adapter.dir / 'adapter_config.json'} (base_model_name_or_path)"
+        where = f"{adapter.config_path} (base_model_name_or_path)"
         if not base:
-            raise AnalysisError(f"{adapter.dir} is not inside a run folder and its adapter_config.json names no "
+            raise AnalysisError(f"{adapter.dir} is not inside a run folder and its {CONFIG_NAME} names no "
                                 "base model; pass the base model")
     else:
         where = "the base argument"
@@ -384,7 +340,7 @@ class _BaseWeights:
         name = self._tensor_name(module)
         stored = self.shape(name)
         out_f, in_f = shape
-        embedding = adapter.modules[module]["embedding"]
+        embedding = adapter.module(module).embedding
         if stored not in ((out_f, in_f), (in_f, out_f)):
             raise AnalysisError(f"module {module}: the update B @ A is {out_f} x {in_f} but base tensor {name} in "
                                 f"{self.folder} is {' x '.join(map(str, stored))}; the adapter was made for a different model")

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.adapters import file as adapter_file
 from studio.config import load_config
 from studio.errors import AdapterError, DataError, RunError, UsageError
 from studio.runs.rundir import RunDir, read_json, write_json_atomic
@@ -245,7 +246,7 @@ def _example(row: dict, d, where: str) -> tuple[Example | None, str | None]:
 
 
 def _require_adapter(rd: RunDir) -> None:
-    if (rd.adapter / "adapter_config.json").is_file() or rd.last_complete_checkpoint() is not None:
+    if adapter_file.present(rd.adapter) or rd.last_complete_checkpoint() is not None:
         return
     st = rd.status()
     raise AdapterError(f"run {rd.id} has no adapter to evaluate (state {st.get('state')}, step {st.get('step', 0)} "

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from studio import runs
+from studio.adapters.file import AdapterFile, present
 from studio.config import RunConfig, load_config
 from studio.data.prepare import PadCollator, alpaca_prompt, build_datasets, chat_prompt, load_records
 from studio.errors import PlaygroundError, StudioError
@@ -79,7 +80,8 @@ class Playground:
         if not (run_dir / runs.CONFIG).is_file():
             raise PlaygroundError(f"{run_dir} is not a run folder (no {runs.CONFIG})")
         adapter, source = _adapter_dir(run_dir)
-        weights = next(iter(sorted(adapter.glob("adapter_model.*"))), adapter / "adapter_config.json")
+        # Opening refuses a pickle-only adapter by name before PEFT could torch.load it.
+        weights = AdapterFile(adapter, error=PlaygroundError).weights_path
         key = ("run", str(run_dir), str(adapter), weights.stat().st_mtime_ns)
         make = lambda: cls._load_run(run_dir, adapter, source)
         return _cached(key, make) if cache else make()
@@ -380,7 +382,7 @@ def _base_model(ref: str, task: str, id2label: dict | None, dtype: str, seed: in
 def _adapter_dir(run_dir: Path) -> tuple[Path, str]:
     """adapter/, else the last complete checkpoint (a run still training can be tried out)."""
     final = run_dir / runs.ADAPTER
-    if (final / "adapter_config.json").is_file():
+    if present(final):
         return final, runs.ADAPTER
     ckpt = runs.last_complete_checkpoint(run_dir)
     if ckpt is not None:
@@ -406,24 +408,11 @@ def _run_labels(cfg: RunConfig, adapter: Path) -> dict[int, str]:
         labels = None
     if labels:
         return {i: str(x) for i, x in enumerate(labels)}
-    n = _head_size(adapter)
+    n = AdapterFile(adapter, error=PlaygroundError).head_size()
     if n is None:
         raise PlaygroundError(f"cannot tell the labels of this run: {cfg.data.path} is not readable and the "
                               "adapter holds no classification head")
     return {i: f"LABEL_{i}" for i in range(n)}
-
-
-def _head_size(adapter: Path) -> int | None:
-    from safetensors import safe_open
-
-    path = adapter / "adapter_model.safetensors"
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        for k in f.keys():
-            if k.endswith(("score.weight", "classifier.weight", "out_proj.weight")) and "lora_" not in k:
-                return f.get_slice(k).get_shape()[0]
-    return None
 
 
 def _run_template(run_dir: Path, cfg: RunConfig) -> str:

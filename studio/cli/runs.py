@@ -281,13 +281,9 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from studio.models.shards import pickled_adapter_reason
     from studio.playground import Playground
 
-    reason = pickled_adapter_reason(Path(a.run_dir) / "adapter")  # PEFT would torch.load a pickle-only adapter
-    if reason:
-        raise ConfigError(reason)
-    pg = Playground.for_run(a.run_dir)
+    pg = Playground.for_run(a.run_dir)  # refuses a pickle-only adapter (PEFT would torch.load it)
     if pg.info()["task"] == "seq_cls":
         out = pg.classify([a.prompt], adapter=not a.base)[0]
         if a.json:

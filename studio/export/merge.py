@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from studio.adapters import file as adapter_file
 from studio.config import load_config
 from studio.errors import MergeError
 from studio.export.plan import Entry, LoraUpdate, Plan, make_plan
@@ -134,9 +135,9 @@ def merge_run(run_dir, out=None, dtype: str = "float32", verify: bool = False, p
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    if not adapter_file.present(adapter):
         state = _run_state(run_dir)
-        raise MergeError(f"{run_dir} has no final adapter yet (adapter/adapter_config.json missing; run state: {state}); "
+        raise MergeError(f"{run_dir} has no final adapter yet (adapter/{adapter_file.CONFIG_NAME} missing; run state: {state}); "
                          "merge a run after it completed or was stopped")
     base = model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     labels = None

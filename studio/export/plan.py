@@ -6,9 +6,9 @@ be checked without reading weights: the adapter's keys map onto the base's tenso
 update's shape fits, ranks agree with rank_pattern. So a mismatched adapter is refused in
 a second, before anything is written, with the tensor and both shapes named.
 
-Names: PEFT saves adapter tensors as `base_model.model.<module path>.lora_A.weight`, where the
-module path is the task model's (e.g. `bert.encoder...` for BertForSequenceClassification),
-while a checkpoint saved from the bare model has no `bert.` prefix. The task model is built
+Names: the adapter's module paths (studio.adapters.file) are the task model's (e.g.
+`bert.encoder...` for BertForSequenceClassification), while a checkpoint saved from the bare
+model has no `bert.` prefix. The task model is built
 on the meta device (no memory) to learn its names, its tied weights and which modules are
 GPT-2 Conv1D (stored transposed, PEFT's fan_in_fan_out).
 """
@@ -17,28 +17,17 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from studio import _compat
+from studio.adapters.file import AdapterFile
 from studio.errors import MergeError
 from studio.export.verify import quiet
 from studio.models import shards
 
-PEFT_PREFIX = "base_model.model."
-_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "B_bias",
-          ".lora_embedding_A": "A", ".lora_embedding_B": "B", ".lora_magnitude_vector": "magnitude"}
-# adapter_config.json settings whose adapters cannot be folded into plain weights.
-_UNSUPPORTED = {
-    "target_parameters": "LoRA on raw parameters (e.g. MoE experts)",
-    "trainable_token_indices": "trainable tokens",
-    "layer_replication": "layer replication (it changes the model's structure)",
-    "alora_invocation_tokens": "activated LoRA (it only acts after its invocation tokens)",
-    "use_qalora": "QALoRA", "use_bdlora": "block-diagonal LoRA",
-}
-_HEADS = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
 
 
 
@@ -81,7 +70,9 @@ class Plan:
 
 
 def make_plan(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False) -> Plan:
-    acfg, afile = _read_adapter(adapter_dir)
+    adapter = AdapterFile(adapter_dir, error=MergeError)
+    adapter.check_mergeable()
+    afile = adapter.weights_path
     base_config = _read_json(base_dir / "config.json", "base model config")
     files = _base_files(base_dir)
     try:
@@ -89,12 +80,11 @@ def make_plan(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False
         ashapes = {k: (v.shape, v.torch_dtype) for k, v in shards.list_tensors([afile]).items()}
     except ValueError as e:
         raise MergeError(str(e)) from None
-    modules, replacements = _parse_adapter_keys(ashapes, afile)
-    task = acfg.get("task_type")
+    replacements = adapter.replacements
+    task = adapter.task_type
     num_labels = None
     if task == "SEQ_CLS":
-        head = next((replacements[h] for h in _HEADS if h in replacements), None)
-        num_labels = ashapes[head][0][0] if head else int(base_config.get("num_labels") or len(base_config.get("id2label") or {}) or 2)
+        num_labels = adapter.head_size() or int(base_config.get("num_labels") or len(base_config.get("id2label") or {}) or 2)
     meta = _meta_model(base_dir, task, num_labels, trust_remote_code)
 
     # Output names: a checkpoint of the bare model gets the task model's prefix (bert., model., ...).
@@ -110,9 +100,9 @@ def make_plan(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False
 
     tied = _tied_pairs(meta, base_config, entries)
     updates = {}  # output weight name -> LoraUpdate
-    for module, parts in modules.items():
-        u = _lora_update(module, parts, acfg, ashapes, meta)
-        target = _resolve(f"{module}.weight", entries, tied, parts["A"])
+    for module in adapter.modules:
+        u = _lora_update(adapter, module, meta)
+        target = _resolve(f"{module}.weight", entries, tied, u.a_key)
         updates.setdefault(target, u)
         if u.b_bias_key:
             bias = _resolve(f"{module}.bias", entries, tied, u.b_bias_key)
@@ -160,87 +150,18 @@ def make_plan(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False
 
 # --- the adapter --------------------------------------------------------------------------
 
-def _read_adapter(adapter_dir: Path) -> tuple[dict, Path]:
-    cfg = _read_json(adapter_dir / "adapter_config.json", "adapter config")
-    afile = adapter_dir / "adapter_model.safetensors"
-    if not afile.is_file():
-        if (adapter_dir / "adapter_model.bin").is_file():
-            raise MergeError(f"{adapter_dir} holds only a pickled adapter_model.bin; pickles are never loaded "
-                             "(they can run code): save the adapter with safetensors")
-        raise MergeError(f"{adapter_dir} has no adapter_model.safetensors")
-    if cfg.get("peft_type") != "LORA":
-        raise MergeError(f"{adapter_dir}/adapter_config.json: peft_type = {cfg.get('peft_type')!r}; only LORA adapters can be merged")
-    for key, what in _UNSUPPORTED.items():
-        if cfg.get(key):
-            raise MergeError(f"{adapter_dir}/adapter_config.json: {key} = {cfg[key]!r}; {what} cannot be merged into plain weights")
-    init = cfg.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora", "corda"):
-        raise MergeError(f"{adapter_dir}/adapter_config.json: init_lora_weights = {init!r} changes the base weights "
-                         "while training; convert the adapter to plain LoRA when saving (PEFT's "
-                         "path_initial_model_for_weight_conversion) and merge that")
-    return cfg, afile
-
-
-def _parse_adapter_keys(ashapes: dict, afile: Path) -> tuple[dict, dict]:
-    """Adapter keys -> {module path: {role: key}} and {replaced tensor name: key}."""
-    modules: dict[str, dict[str, str]] = {}
-    replacements: dict[str, str] = {}
-    for key in ashapes:
-        if not key.startswith(PEFT_PREFIX):
-            raise MergeError(f"{afile}: tensor {key} does not start with {PEFT_PREFIX!r}; not a PEFT LoRA adapter")
-        rest = key[len(PEFT_PREFIX):]
-        role = next((r for suf, r in _ROLES.items() if rest.endswith(suf)), None)
-        if role:
-            suffix = next(s for s in _ROLES if rest.endswith(s))
-            parts = modules.setdefault(rest[: -len(suffix)], {})
-            parts[role] = key
-            parts.setdefault("embedding", "lora_embedding" in suffix)
-            continue
-        if ".lora_" in rest or "trainable_tokens" in rest:
-            raise MergeError(f"{afile}: tensor {key} is not a LoRA factor this merge knows (lora_A, lora_B, "
-                             "lora_embedding_A/B, lora_magnitude_vector)")
-        name = rest.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-        while ".base_layer." in name:
-            name = name.replace(".base_layer.", ".")
-        replacements[name] = key
-    return modules, replacements
-
-
-def _lora_update(module: str, parts: dict, acfg: dict, ashapes: dict, meta) -> LoraUpdate:
-    for role in ("A", "B"):
-        if role not in parts:
-            have = ", ".join(sorted(r for r in parts if r != "embedding"))
-            raise MergeError(f"adapter has {have} for {module} but no lora_{role}; the adapter file is incomplete")
-    a_shape, b_shape = ashapes[parts["A"]][0], ashapes[parts["B"]][0]
-    if len(a_shape) != 2 or len(b_shape) != 2:
-        raise MergeError(f"{parts['A']} has shape {tuple(a_shape)}: LoRA on convolutions is not supported by merge")
-    r = a_shape[0]
-    if b_shape[1] != r:
-        raise MergeError(f"{parts['A']} has rank {r} but {parts['B']} has shape {tuple(b_shape)}")
-    r_cfg = _pattern_value(acfg.get("rank_pattern") or {}, module, acfg.get("r"))
-    alpha = _pattern_value(acfg.get("alpha_pattern") or {}, module, acfg.get("lora_alpha"))
-    if r_cfg != r:
-        raise MergeError(f"adapter_config.json gives r = {r_cfg} for {module} but {parts['A']} has rank {r}")
-    scaling = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
-    if parts["embedding"]:
+def _lora_update(adapter: AdapterFile, module: str, meta) -> LoraUpdate:
+    m = adapter.module(module)
+    if not adapter.is_matrix(module):
+        raise MergeError(f"{m.a_key} has shape {adapter.shapes[m.a_key]}: LoRA on convolutions is not supported by merge")
+    if m.embedding:
         kind = "embedding"
-        if "magnitude" in parts:
+        if m.magnitude_key:
             raise MergeError(f"{module}: DoRA on embeddings is not supported by merge; train without use_dora on embeddings")
     else:
-        kind = _module_kind(meta, module, bool(acfg.get("fan_in_fan_out")))
-    return LoraUpdate(module, kind, parts["A"], parts["B"], r, scaling, parts.get("magnitude"), parts.get("B_bias"))
-
-
-def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's own rule for rank_pattern / alpha_pattern keys (a suffix or regex of the module path)."""
-    try:
-        from peft.utils.other import get_pattern_key
-    except ImportError:  # the helper moved: same rule as PEFT 0.21's
-        import re
-
-        def get_pattern_key(keys, key_to_match):
-            return next((k for k in keys if re.match(rf"(.*\.)?({k})$", key_to_match)), key_to_match)
-    return pattern.get(get_pattern_key(pattern.keys(), module), default)
+        kind = _module_kind(meta, module, bool(adapter.config.get("fan_in_fan_out")))
+    return LoraUpdate(module, kind, m.a_key, m.b_key, adapter.rank(module), adapter.scaling(module),
+                      m.magnitude_key, m.b_bias_key)
 
 
 def _module_kind(meta, module: str, fan_in_fan_out: bool) -> str:
@@ -295,7 +216,7 @@ def _meta_model(base_dir: Path, task: str | None, num_labels: int | None, trust_
                 build = lambda: AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
             else:
                 arch = getattr(transformers, (config.architectures or [""])[0], None)
-                build = (lambda: arch._from_config(config)) if arch else (lambda: AutoModel.from_config(config))
+                build = (lambda: _compat.model_from_config(arch, config)) if arch else (lambda: AutoModel.from_config(config))
             with torch.device("meta"):
                 return build()
     except Exception:  # unknown architecture or remote code not trusted: fall back to the files alone
@@ -305,8 +226,7 @@ def _meta_model(base_dir: Path, task: str | None, num_labels: int | None, trust_
 def _tied_pairs(meta, base_config: dict, entries: dict) -> dict[str, str]:
     """{tied name: source name}, e.g. {"lm_head.weight": "model.embed_tokens.weight"}."""
     if meta is not None:
-        pairs = getattr(meta, "all_tied_weights_keys", None) or getattr(meta, "_tied_weights_keys", None)
-        return dict(pairs) if isinstance(pairs, dict) else {}
+        return _compat.tied_weight_pairs(meta)
     if not base_config.get("tie_word_embeddings", True) or "lm_head.weight" in entries:
         return {}
     src = next((n for n in entries if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))), None)

@@ -13,6 +13,7 @@ import os
 import zipfile
 from pathlib import Path
 
+from studio.adapters.file import CONFIG_NAME, WEIGHTS_NAME, AdapterFile
 from studio.errors import ExportError
 
 TOKENIZER_FILES = (
@@ -26,25 +27,20 @@ _AUTO_CLASS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequ
 
 
 def export_adapter_zip(adapter_dir, dest_zip, *, base_name: str | None = None) -> Path:
-    """adapter_config.json + adapter_model.safetensors (+ tokenizer files) + a README, as one zip.
+    """The adapter's config and weights (+ tokenizer files) + a README, as one zip.
 
     Files sit in a folder named after the zip, so unzipping gives a folder PEFT loads as is.
     `base_name` is the base model named in the README (default: the adapter config's
     base_model_name_or_path).
     """
     adapter_dir, dest_zip = Path(adapter_dir), Path(dest_zip)
-    cfg_path = adapter_dir / "adapter_config.json"
-    weights = adapter_dir / "adapter_model.safetensors"
-    for need in (cfg_path, weights):
-        if not need.is_file():
-            raise ExportError(f"cannot export {adapter_dir}: {need.name} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{cfg_path}: not valid JSON ({e})") from None
+    for need in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (adapter_dir / need).is_file():
+            raise ExportError(f"cannot export {adapter_dir}: {need} is missing")
+    adapter = AdapterFile(adapter_dir, error=ExportError)
     folder = dest_zip.stem
-    files = [cfg_path, weights] + [adapter_dir / n for n in TOKENIZER_FILES if (adapter_dir / n).is_file()]
-    readme = adapter_readme(cfg, folder, base_name)
+    files = adapter.files() + [adapter_dir / n for n in TOKENIZER_FILES if (adapter_dir / n).is_file()]
+    readme = adapter_readme(adapter.config, folder, base_name)
     return _write_zip(dest_zip, folder, files, {"README.md": readme})
 
 
@@ -77,7 +73,7 @@ def adapter_readme(cfg: dict, folder: str, base_name: str | None = None) -> str:
         "```\n\n"
         "`model.merge_and_unload()` folds it into the weights; `studio merge` does the same one tensor "
         "at a time, without loading the model.\n\n"
-        "## adapter_config.json\n\n"
+        f"## {CONFIG_NAME}\n\n"
         f"```json\n{json.dumps(cfg, indent=2, sort_keys=True)}\n```\n"
     )
 

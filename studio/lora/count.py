@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from peft.utils.other import get_pattern_key
 
+from studio import _compat
 from studio.config import LoraSettings
 from studio.errors import TargetError
 from studio.lora.targets import ALL_LINEAR, Resolution, build_lora_config, resolve_targets
@@ -43,11 +44,7 @@ _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 def peft_rewrites_targets(model_type: str) -> bool:
     """PEFT re-targets some MoE models whose experts became fused parameters in transformers 5."""
-    try:
-        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
-    except ImportError:  # an older PEFT without the conversion: it counts modules only
-        return False
-    return bool(_MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, "")))
+    return _compat.peft_moe_retargets(model_type)
 
 
 def count(tree: ModelTree, settings: LoraSettings, resolution: Resolution | None = None) -> Count:
@@ -117,14 +114,13 @@ def _count_with_peft(tree: ModelTree, settings: LoraSettings, res: Resolution) -
     except (ValueError, TypeError) as e:
         raise TargetError(f"PEFT refuses these settings on {tree.model}: {str(e).splitlines()[0]}") from None
     trainable, total = pm.get_nb_trainable_parameters()
-    prefix = "base_model.model."
-    matched = [n.removeprefix(prefix) for n, m in pm.named_modules()
+    inner = pm.get_base_model()  # the wrapped model: its names are the tree's paths
+    matched = [n for n, m in inner.named_modules()
                if isinstance(m, BaseTunerLayer) and not any(isinstance(c, BaseTunerLayer) for c in m.children())]
     by_type: dict[str, int] = {}
     by_layer: dict[str, int] = {}
-    for n, p in pm.named_parameters():
+    for path, p in inner.named_parameters():
         if p.requires_grad:
-            path = n.removeprefix(prefix)
             key = next((mm.rsplit(".", 1)[-1] for mm in matched if path.startswith(mm + ".")), "other")
             by_type[key] = by_type.get(key, 0) + p.numel()
             hit = _LAYER_RE.search(path)

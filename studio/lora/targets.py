@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from peft import LoraConfig, TaskType
 from peft.tuners.tuners_utils import check_target_module_exists
 
+from studio import _compat
 from studio.config import LoraSettings
 from studio.errors import ConfigError, TargetError
 from studio.models.tree import ModelTree
@@ -72,7 +73,7 @@ def resolve_targets(tree: ModelTree, settings: LoraSettings) -> Resolution:
         if not m.path:
             continue
         hit = check_target_module_exists(cfg, m.path)
-        if hit and hit.__class__.__name__ != "_ExcludedModule":
+        if hit and not _compat.is_excluded_match(hit):
             (matched if m.lora_targetable else unsupported).append(m.path)
     unmatched = _unmatched(settings.target_modules, matched)
     mts = _modules_to_save(tree, cfg.modules_to_save or [])

@@ -76,18 +76,6 @@ def pickled_files(folder: Path) -> list[str]:
     return sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in PICKLE_SUFFIXES)
 
 
-def pickled_adapter_reason(adapter_dir: Path) -> str | None:
-    """Why an adapter folder must not be loaded: its weights are only pickled (PEFT would torch.load them)."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file() or (adapter_dir / "adapter_model.safetensors").is_file():
-        return None
-    pickled = pickled_files(adapter_dir)
-    if not pickled:
-        return None
-    return (f"{adapter_dir} holds only pickled weights ({', '.join(pickled[:3])}), which are never loaded "
-            "(a pickle can run code); save the adapter with safetensors")
-
-
 def list_tensors(files: list[Path]) -> dict[str, TensorInfo]:
     """Name -> TensorInfo over all shards, from the headers only (no tensor data is read)."""
     out: dict[str, TensorInfo] = {}

@@ -87,7 +87,7 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from studio import runs  # noqa: E402
+from studio import _compat, runs  # noqa: E402
 from studio.config import RunConfig, load_config  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
 
@@ -119,7 +119,7 @@ class Reporter:
             self._metrics.flush()
 
 
-class StudioTrainer(Trainer):
+class StudioTrainer(_compat.DeferCheckpointRotation, Trainer):
     """Trainer plus two things done inside a step: non-padding token counting and loss checks.
 
     The token count stays on the device between logs (no sync per step); the loss check costs
@@ -141,15 +141,6 @@ class StudioTrainer(Trainer):
         if self.bad_loss is None and not bool(torch.isfinite(loss).all()):
             self.bad_loss = (self.state.global_step + 1, float(loss.float().mean()))
         return loss
-
-    def _save_checkpoint(self, model, trial):
-        # Rotation waits for the completion marker (StudioCallback.on_save): deleting older
-        # checkpoints before the new one is marked complete could leave none to resume from.
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -231,10 +222,8 @@ class StudioCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             runs.write_json_atomic(folder / runs.COMPLETE_MARKER, {"step": state.global_step, "saved_at": time.time()})
             if args.save_total_limit:
-                from transformers import trainer as hf_trainer
-
-                hf_trainer.rotate_checkpoints(output_dir=args.output_dir, save_total_limit=args.save_total_limit,
-                                              best_model_checkpoint=state.best_model_checkpoint, use_mtime=True)
+                # Only now that the new checkpoint is marked complete (see DeferCheckpointRotation).
+                _compat.rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
         self.mark = time.time()
 
     def on_log(self, args, state, control, logs=None, **kw):

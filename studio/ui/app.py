@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 from starlette.middleware import Middleware
 
+from studio import _compat
 from studio import runs
 from studio.ui import live
 from studio.ui.login_wall import LoginWall
@@ -337,7 +338,7 @@ QUEUE_IDLE_POLL_S, QUEUE_PROGRESS_POLL_S = 0.02, 0.05
 
 def calm_queue(demo: gr.Blocks) -> bool:
     """Slow the queue's idle polling (see above); False where this gradio has no such knobs."""
-    q = getattr(demo, "_queue", None)
+    q = _compat.gradio_queue(demo)
     knobs = {"sleep_when_free": QUEUE_IDLE_POLL_S, "progress_update_sleep_when_free": QUEUE_PROGRESS_POLL_S}
     if q is None or not all(isinstance(getattr(q, k, None), (int, float)) for k in knobs):
         return False

@@ -15,6 +15,7 @@ import re
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
+from studio import _compat
 # What the login page loads before anyone is logged in: gradio's own static files; and
 # startup-events, which launch() itself calls without a login (it only starts the queue, once).
 OPEN_PATHS = {"/", "/login", "/login/", "/favicon.ico", "/theme.css", "/gradio_api/theme.css", "/robots.txt",
@@ -26,14 +27,11 @@ _API_INFO = re.compile(rb"(<script>window\.gradio_api_info = ).*?(;</script>)", 
 
 
 def _gradio_app(scope):
-    app = scope.get("app")
-    return app if hasattr(app, "tokens") and hasattr(app, "cookie_id") else None
+    return _compat.gradio_app(scope)
 
 
 def logged_in(app, scope) -> bool:
-    cookies = HTTPConnection(scope).cookies
-    token = cookies.get(f"access-token-{app.cookie_id}") or cookies.get(f"access-token-unsecure-{app.cookie_id}")
-    return app.tokens.get(token) is not None
+    return _compat.gradio_logged_in(app, HTTPConnection(scope).cookies)
 
 
 class LoginWall:

@@ -21,7 +21,9 @@ ZIP_LIMIT_MB = 512
 
 
 def exportable(runs_dir: Path) -> list[str]:
-    return [i for i in run_ids(runs_dir) if (runs_dir / i / runs.ADAPTER / "adapter_config.json").is_file()]
+    from studio.adapters.file import present
+
+    return [i for i in run_ids(runs_dir) if present(runs_dir / i / runs.ADAPTER)]
 
 
 def merge(runs_dir: Path, run_id: str, dtype: str, verify: bool, progress=None) -> tuple[str, str | None]:

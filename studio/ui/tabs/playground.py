@@ -17,17 +17,13 @@ from studio.ui.tabs.runs import run_folder
 
 
 def _playground(runs_dir: Path, run_id: str):
-    from studio.models.shards import pickled_adapter_reason
     from studio.playground import Playground
 
     if not run_id:
         raise gr.Error("pick a run with an adapter (train one on the Train tab first)", print_exception=False)
     run_dir = run_folder(runs_dir, run_id)
-    reason = pickled_adapter_reason(run_dir / "adapter")  # PEFT would torch.load a pickle-only adapter
-    if reason:
-        raise gr.Error(reason, print_exception=False)
     try:
-        return Playground.for_run(run_dir)
+        return Playground.for_run(run_dir)  # refuses a pickle-only adapter (PEFT would torch.load it)
     except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
 
