@@ -344,6 +344,21 @@ def parse_layers(value: Any, name: str = "--layers") -> list[int] | None:
     return sorted(out)
 
 
+def format_layers(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 8] -> '0-3,8' (parse_layers' own notation)."""
+    out, run = [], []
+    for i in sorted(set(indices)):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
 # --- checks -------------------------------------------------------------------------------
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:

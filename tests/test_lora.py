@@ -183,3 +183,15 @@ def test_lora_config_handed_to_peft_keeps_user_modules_to_save():
     assert cfg.modules_to_save == ["lm_head"]
     cfg = lora.build_lora_config(LoraSettings(), "seq_cls")
     assert cfg.modules_to_save is None and cfg.task_type == "SEQ_CLS"  # PEFT adds its head itself
+
+
+def test_layers_beyond_the_model_are_refused_with_the_layers_it_has():
+    tree = model_tree("tiny-llama")
+    s = LoraSettings(layers_to_transform="0-9")
+    s.validate()
+    with pytest.raises(lora.TargetError, match=r"tiny-llama has layers 0-3; 4-9 do not exist"):
+        lora.check(tree, s)
+    ok = LoraSettings(layers_to_transform="2-3")
+    ok.validate()
+    assert lora.check(tree, ok).matched_modules == [f"model.layers.{i}.self_attn.{p}" for i in (2, 3)
+                                                    for p in ("q_proj", "v_proj")]

@@ -150,6 +150,11 @@ def check(tree: ModelTree, settings: LoraSettings) -> Count:
     if res.conflicts:
         raise TargetError(f"{', '.join(res.conflicts)} would get LoRA and also be trained in full as modules_to_save "
                           f"(PEFT matches modules_to_save by name suffix); add it to exclude_modules")
+    if res.missing_layers:
+        from studio.config import format_layers
+
+        raise TargetError(f"lora.layers_to_transform: {tree.model} has layers 0-{res.layer_count - 1}; "
+                          f"{format_layers(res.missing_layers)} do not exist")
     if res.unmatched_targets:
         parts = [f"{t!r} (closest: {', '.join(res.suggestions[t]) or 'none'})" for t in res.unmatched_targets]
         raise TargetError(f"target(s) matched no module in {tree.model}: {'; '.join(parts)}")

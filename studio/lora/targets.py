@@ -34,6 +34,8 @@ class Resolution:
     unsupported: list[str]  # matched paths whose class LoRA cannot wrap
     modules_to_save: list[str]  # paths trained in full (copies)
     conflicts: list[str] = field(default_factory=list)  # paths both adapted and in modules_to_save
+    missing_layers: list[int] = field(default_factory=list)  # layers_to_transform the model does not have
+    layer_count: int = 0  # repeated blocks of the model (0: none found)
 
 
 def peft_config(settings: LoraSettings, task: str = "causal_lm", inference_mode: bool = False) -> LoraConfig:
@@ -80,7 +82,25 @@ def resolve_targets(tree: ModelTree, settings: LoraSettings) -> Resolution:
     # PEFT excludes modules_to_save from LoRA by a dotted-name regex but wraps them by a plain
     # suffix, so e.g. DistilBERT's pre_classifier ends up in both and get_peft_model fails.
     conflicts = sorted(set(mts) & set(matched))
-    return Resolution(matched, unmatched, {t: suggest(tree, t) for t in unmatched}, unsupported, mts, conflicts)
+    n_layers = layer_count(tree)
+    missing = [i for i in (settings.layers_to_transform or []) if n_layers and i >= n_layers]
+    return Resolution(matched, unmatched, {t: suggest(tree, t) for t in unmatched}, unsupported, mts, conflicts,
+                      missing, n_layers)
+
+
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def layer_count(tree: ModelTree) -> int:
+    """Repeated blocks (the indices layers_to_transform refers to): one more than the highest index
+    found in the paths of LoRA-able modules; 0 when the model has no numbered blocks."""
+    top = -1
+    for m in tree.modules:
+        if m.lora_targetable and m.path:
+            hit = _BLOCK_INDEX.search(m.path)
+            if hit:
+                top = max(top, int(hit.group(1)))
+    return top + 1
 
 
 def _check_regex(value, name: str) -> None:
