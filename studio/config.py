@@ -26,6 +26,11 @@ TASKS = ("causal_lm", "seq_cls")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "alpaca", "messages", "completion", "text", "classification")
 BIAS_MODES = ("none", "all", "lora_only")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw_8bit")
+BEST_METRICS = ("eval_loss", "eval_accuracy")
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
@@ -40,10 +45,13 @@ class ModelConfig:
     """Weights dtype while training: auto (float32 on CPU, bfloat16 on GPUs that support it), float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Run Python code shipped inside the model repository. Only turn on for repositories you trust."""
+    quantization: str = "none"
+    """Keep the frozen base in 8bit or 4bit (QLoRA: NF4 with double quantization, via bitsandbytes); the adapter trains in full precision and merges into the full-precision base."""
 
     def validate(self) -> None:
         _check_choice("model.task", self.task, TASKS)
         _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.quantization", self.quantization, QUANTIZATIONS)
         if not str(self.name_or_path).strip():
             raise ConfigError("model.name_or_path is empty; give a built-in name, preset, folder or Hub id")
 
@@ -173,9 +181,33 @@ class TrainConfig:
     """Keep at most this many checkpoints."""
     seed: int = 42
     """Random seed for the adapter's init, dropout and data order; the same seed repeats a run."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: much less memory for about a third more compute."""
+    precision: str = "auto"
+    """Mixed precision: auto (bf16 on a CUDA GPU that supports it, else fp32), fp32, bf16 or fp16 (CUDA only)."""
+    optim: str = "adamw"
+    """adamw (torch's AdamW) or adamw_8bit (bitsandbytes' AdamW with 8-bit moments: a quarter of the optimizer memory)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement of metric_for_best_model (0 = never stop early)."""
+    metric_for_best_model: str = "eval_loss"
+    """What 'best' means for the final adapter and early stopping: eval_loss (lower) or eval_accuracy (higher)."""
+    report_to: list = field(default_factory=list)
+    """Experiment trackers that also get the metrics: tensorboard, mlflow, trackio, wandb (offline). The run folder stays the record."""
 
     def validate(self) -> None:
         _check_positive("train.learning_rate", self.learning_rate)
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.optim", self.optim, OPTIMIZERS)
+        _check_choice("train.metric_for_best_model", self.metric_for_best_model, BEST_METRICS)
+        if not isinstance(self.early_stopping_patience, int) or isinstance(self.early_stopping_patience, bool) \
+                or self.early_stopping_patience < 0:
+            raise ConfigError(f"train.early_stopping_patience must be an integer >= 0, got {self.early_stopping_patience!r}")
+        if isinstance(self.report_to, str):
+            self.report_to = [t for t in self.report_to.replace(" ", "").split(",") if t]
+        if not isinstance(self.report_to, list):
+            raise ConfigError(f"train.report_to must be a list of trackers ({', '.join(TRACKERS)}), got {self.report_to!r}")
+        for t in self.report_to:
+            _check_choice("train.report_to", t, TRACKERS)
         if self.max_steps != -1:
             _check_int("train.max_steps", self.max_steps, 1, 10**9)
         else:

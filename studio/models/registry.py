@@ -391,13 +391,19 @@ def build_meta_model(ref: str, task: str | None = None, num_labels: int = 2, tru
 
 
 def load_model(ref: str, task: str = "causal_lm", *, num_labels: int | None = None, id2label: dict | None = None,
-               dtype: str = "float32", trust_remote_code: bool = False):
-    """The real model with weights, on CPU, in `dtype` ('auto' picks float32 on CPU)."""
+               dtype: str = "float32", trust_remote_code: bool = False, quantization: str = "none"):
+    """The real model with weights, on CPU, in `dtype` ('auto' picks float32 on CPU).
+
+    quantization 8bit / 4bit keeps the Linear layers in bitsandbytes' formats (4bit: NF4 with
+    double quantization, QLoRA's recipe); embeddings, norms, the output head and a
+    classification head stay as they are, as bitsandbytes leaves them."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder = model_dir(ref, trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if quantization != "none":
+        kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
     if task == "seq_cls":
         if id2label:
             kwargs.update(id2label={int(k): v for k, v in id2label.items()},
@@ -414,6 +420,23 @@ def load_model(ref: str, task: str = "causal_lm", *, num_labels: int | None = No
         return auto.from_pretrained(folder, **kwargs)
     except (ValueError, OSError) as e:
         raise ModelRefError(f"cannot load {ref} for {task}: {str(e).splitlines()[0]}") from None
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings for an 8bit or 4bit (NF4, double quantization) frozen base."""
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401  (transformers checks lazily; say it now, by name)
+    except ImportError:
+        raise ModelRefError(f"model.quantization {kind} needs bitsandbytes: pip install bitsandbytes "
+                            "(or pip install 'lora-studio[quant]')") from None
+    heads = ["lm_head", "score", "classifier"]  # trained or replaced heads stay in full precision
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=heads)
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=heads)
+    raise ModelRefError(f"model.quantization = {kind!r} is not one of: none, 8bit, 4bit")
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

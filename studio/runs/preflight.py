@@ -30,6 +30,33 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError(no_weights_reason(m.name_or_path, src.path))
     check_task(load_config_data(cfg.data), m.task)  # bad data: file:line and what is wrong
     lora.check(model_tree(m.name_or_path, m.task, m.trust_remote_code), cfg.lora)  # targets that match nothing
+    check_switches(cfg)
+
+
+def check_switches(cfg: RunConfig) -> None:
+    """Quantization, precision, optimizer and checkpointing that this machine and model can run."""
+    import importlib.util
+
+    import torch
+
+    m, t = cfg.model, cfg.train
+    cuda = torch.cuda.is_available()
+    needs_bnb = [f"model.quantization {m.quantization}"] if m.quantization != "none" else []
+    needs_bnb += ["train.optim adamw_8bit"] if t.optim == "adamw_8bit" else []
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{' and '.join(needs_bnb)} needs bitsandbytes, which is not installed: "
+                          "pip install bitsandbytes (or pip install 'lora-studio[quant]')")
+    if t.precision == "fp16" and not cuda:
+        raise ConfigError("train.precision fp16 needs a CUDA GPU and this machine has none; use fp32, "
+                          "or bf16 (slower than fp32 on most CPUs)")
+    if t.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+                          "use fp16 or fp32")
+    if t.gradient_checkpointing:
+        klass = models.model_class(models.load_hf_config(m.name_or_path, m.trust_remote_code), m.task)
+        if not getattr(klass, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: {klass.__name__} ({m.name_or_path}) does not support "
+                              "gradient checkpointing; turn it off")
 
 
 def no_weights_reason(ref: str, path: Path | None) -> str:
