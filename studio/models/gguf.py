@@ -8,14 +8,16 @@ and every later use, in any process, loads that folder.
 What is the library's and what is the studio's:
 - Reading and dequantizing is transformers' GGUF loader (`from_pretrained(gguf_file=...)`
   with `GgufConfig(dequantize=True)`), and the tokenizer is rebuilt by transformers from the
-  file's vocabulary; the header is parsed by gguf-py. So the folder's weights equal exactly
-  what transformers' own gguf_file= load gives.
+  file's vocabulary. So the folder's weights equal exactly what transformers' own gguf_file=
+  load gives.
 - transformers marks such a model as quantized and refuses `save_pretrained`, so the studio
   writes the state dict itself with `shards.ShardWriter` (one tensor at a time, no second
   copy of the model in memory), and the config without its `quantization_config`.
 - The checks before anything is written are the studio's: a file that is not a GGUF, is
   truncated, holds no tensors, or has an architecture the loader cannot read is refused in
   one line naming the file (and the supported architectures), with nothing left in the cache.
+  They read the header with a small struct scan (`_scan`, with gguf-py's format constants),
+  fast enough to run whenever a reference is resolved.
 
 Cache key: the file's size and the SHA-256 of its whole content, read in 1 MiB chunks (about
 half a second per 100 MB), so a renamed or copied file reuses its conversion and an edited
