@@ -33,6 +33,7 @@ from studio.adapters.file import CONFIG_NAME, AdapterFile, module_path, present
 from studio.config import load_config
 from studio.errors import AnalysisError, StudioError
 from studio.models.registry import build_meta_model, model_dir
+from studio.runs.rundir import RunDir
 
 RANDOM_SEED = 0
 # Row blocks of a base weight converted to float64 at once: bounds the extra memory of
@@ -87,10 +88,10 @@ class Adapter(AdapterFile):
 def _adapter_dir(path: Path) -> tuple[Path, Path | None]:
     """(adapter folder, run folder or None) for a run folder or an adapter folder."""
     if present(path):
-        run = path.parent if (path.parent / "config.yaml").is_file() else None
+        run = path.parent if RunDir(path.parent).config.is_file() else None
         return path, run
-    if present(path / "adapter"):
-        return path / "adapter", path
+    if present(RunDir(path).adapter):
+        return RunDir(path).adapter, path
     if not path.exists():
         raise AnalysisError(f"{path} does not exist; give a run folder or an adapter folder")
     raise AnalysisError(f"{path} has neither {CONFIG_NAME} nor adapter/{CONFIG_NAME}; "
@@ -292,8 +293,8 @@ def amplification(run_or_adapter, base=None, modules=None, seed: int = RANDOM_SE
 
 def _base_dir(adapter: Adapter, base) -> Path:
     if base is None and adapter.run_dir is not None:
-        base = load_config(adapter.run_dir / "config.yaml").model.name_or_path
-        where = f"{adapter.run_dir / 'config.yaml'} (model.name_or_path)"
+        base = load_config(RunDir(adapter.run_dir).config).model.name_or_path
+        where = f"{RunDir(adapter.run_dir).config} (model.name_or_path)"
     elif base is None:
         base = adapter.config.get("base_model_name_or_path")
         where = f"{adapter.config_path} (base_model_name_or_path)"

@@ -33,6 +33,7 @@ from studio.config import RunConfig, load_config
 from studio.data.prepare import PadCollator, alpaca_prompt, build_datasets, chat_prompt, load_records
 from studio.errors import PlaygroundError, StudioError
 from studio.models.registry import load_model, load_tokenizer, resolve
+from studio.runs.rundir import RunDir
 
 TEMPLATES = ("auto", "alpaca", "chat", "none")
 # The trained data format -> the prompt template that reproduces its text.
@@ -115,7 +116,7 @@ class Playground:
             raise PlaygroundError(str(e).splitlines()[0]) from None
         m = cfg.model
         t0 = time.perf_counter()
-        id2label = _run_labels(cfg, adapter) if m.task == "seq_cls" else None
+        id2label = _run_labels(run_dir, adapter) if m.task == "seq_cls" else None
         # The trainer seeds before loading, so a new head starts from the same draw: "base" is then
         # the run's model at step 0 (for causal LMs nothing is drawn and the seed changes nothing).
         base, tok = _base_model(m.name_or_path, m.task, id2label, m.dtype, seed=cfg.train.seed,
@@ -392,31 +393,21 @@ def _adapter_dir(run_dir: Path) -> tuple[Path, str]:
                           f"{st.get('step', 0)} of {st.get('max_steps')}); wait for its first checkpoint or its end")
 
 
-def _run_labels(cfg: RunConfig, adapter: Path) -> dict[int, str]:
-    """id2label as training built it: the dataset's labels in sorted order (data.build_datasets)."""
-    import json
-
-    saved = adapter / "config.json"  # written if the trainer ever saves the model config with the adapter
-    if saved.is_file():
-        with open(saved, encoding="utf-8") as f:
-            i2l = json.load(f).get("id2label")
-        if i2l:
-            return {int(k): str(v) for k, v in i2l.items()}
-    try:
-        labels = load_records(cfg.data.path, cfg.data.format).labels
-    except StudioError:
-        labels = None
+def _run_labels(run_dir: Path, adapter: Path) -> dict[int, str]:
+    """id2label as the trainer recorded it (status.json, RunDir.id2label); a run without it
+    (a folder made by hand) gets LABEL_i names, one per class of its head."""
+    labels = RunDir(run_dir).id2label()
     if labels:
-        return {i: str(x) for i, x in enumerate(labels)}
+        return labels
     n = AdapterFile(adapter, error=PlaygroundError).head_size()
     if n is None:
-        raise PlaygroundError(f"cannot tell the labels of this run: {cfg.data.path} is not readable and the "
-                              "adapter holds no classification head")
+        raise PlaygroundError(f"cannot tell the labels of run {run_dir.name}: its status.json records no "
+                              "id2label and the adapter holds no classification head")
     return {i: f"LABEL_{i}" for i in range(n)}
 
 
 def _run_template(run_dir: Path, cfg: RunConfig) -> str:
-    fmt = (runs.read_json(run_dir / runs.STATUS) or {}).get("format")
+    fmt = (RunDir(run_dir).read_status_file() or {}).get("format")
     if fmt is None and cfg.data.format != "auto":
         fmt = cfg.data.format
     if fmt is None:

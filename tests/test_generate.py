@@ -13,6 +13,7 @@ from studio.data import alpaca_prompt, build_datasets, chat_prompt
 from studio.errors import StudioError
 from studio.models import load_model, presets
 from studio.playground import Playground, PlaygroundError
+from studio.runs.rundir import RunDir
 
 ROWS = [
     {"instruction": "Spell the word backwards, letter by letter.", "input": "ship", "output": "p i h s"},
@@ -64,6 +65,8 @@ def cls_run(tmp_path_factory):
     model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
                                             init_lora_weights=False))
     model.save_pretrained(run / "adapter")
+    # The class names as the trainer records them (the one source the playground reads).
+    RunDir(run).write_status({"state": "completed", "id2label": {str(k): v for k, v in LABELS.items()}})
     return run
 
 

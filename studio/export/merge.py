@@ -34,6 +34,7 @@ from studio.errors import MergeError
 from studio.export.plan import Entry, LoraUpdate, Plan, make_plan
 from studio.export.zips import TOKENIZER_FILES, export_adapter_zip, export_merged_zip
 from studio.models import shards
+from studio.runs.rundir import RunDir
 
 Progress = Callable[[int, int, str], None]
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
@@ -133,20 +134,17 @@ def merge_run(run_dir, out=None, dtype: str = "float32", verify: bool = False, p
     from studio.models.registry import model_dir  # the models layer resolves built-in names, folders and Hub ids
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    adapter = run_dir / "adapter"
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config)
+    adapter = rd.adapter
     if not adapter_file.present(adapter):
         state = _run_state(run_dir)
         raise MergeError(f"{run_dir} has no final adapter yet (adapter/{adapter_file.CONFIG_NAME} missing; run state: {state}); "
                          "merge a run after it completed or was stopped")
     base = model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    labels = None
-    status = run_dir / "status.json"
-    if status.is_file():
-        labels = json.loads(status.read_text(encoding="utf-8")).get("id2label")
-    return merge(base, adapter, Path(out) if out else run_dir / "merged", dtype=dtype, verify=verify,
+    return merge(base, adapter, Path(out) if out else rd.merged, dtype=dtype, verify=verify,
                  overwrite=overwrite, progress=progress, trust_remote_code=cfg.model.trust_remote_code,
-                 id2label=labels)
+                 id2label=rd.id2label())
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -332,8 +330,5 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 def _run_state(run_dir: Path) -> str:
-    try:
-        return str(json.loads((run_dir / "status.json").read_text()).get("state", "unknown"))
-    except (OSError, ValueError):
-        return "unknown"
+    return str(RunDir(run_dir).status().get("state", "unknown"))
 

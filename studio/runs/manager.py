@@ -1,34 +1,18 @@
 """The runs folder: create, start, stop, resume, watch and list training runs.
 
 Plain Python used by the CLI and the UI alike; nothing here prints or imports torch, so listing
-runs stays fast. The run directory is the single source of truth (layout in design.md):
+runs stays fast. The run folder's layout, its status and metrics files and the run-id rule
+belong to studio.runs.rundir (RunDir); the functions here that read a run are thin users of it.
 
-    config.yaml    resolved config           status.json   written by the trainer (atomic)
-    metrics.jsonl  one JSON object a line    train.log     the trainer's stdout and stderr
-    launch.json    how and by which process the run was started (written here)
-    stop.request   present once a stop was asked for; the trainer ends the current step
-    checkpoints/   Trainer checkpoints; complete ones hold COMPLETE_MARKER
-    adapter/       the final PEFT adapter
-
-status.json keys: state, step, max_steps, pid, pid_started (process start time, so a reused pid
-is not mistaken for the trainer), created_at / started_at / updated_at / finished_at (unix
-seconds), eta_s, elapsed_s (training time over all attempts), error, phase (starting, loading
-data, loading model, training, saving adapter, done), nproc, resumed, last_loss, eval_loss,
-eval_accuracy (classification), adapter_step (the step adapter/ holds), and once the data is
-ready: trainable_params, total_params, format, train_examples, eval_examples, train_sequences
-(packed blocks when packed), packed, train_tokens, warnings. read_status adds alive, id, dir.
-
-metrics.jsonl rows: training logs {step, epoch, loss, learning_rate, grad_norm, tokens (non-
-padding tokens since the previous row), tokens_per_s, elapsed_s}; evaluations {step, epoch,
-eval_loss, eval_accuracy, elapsed_s}; the last row {train_loss, train_runtime}; a diverged step
-has loss null and diverged true; a resume adds {event: "resumed", step, checkpoint} (rows logged
-before it with a larger step were lost with the crash and come again after it).
+Stopping is graceful: stop_run asks the trainer to end the step in progress, save a checkpoint
+of it and the adapter. How long that takes comes from the run's own measured step, evaluation
+and save times (status.json step_s, eval_s, save_s; see stop_estimate); the process is killed
+only when the caller asks for it (kill=True, or an explicit timeout).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -45,19 +29,33 @@ import psutil
 
 from studio.config import RunConfig, load_config
 from studio.errors import ConfigError, RunError
-
-STATES = ("queued", "running", "stopping", "stopped", "completed", "failed", "diverged")
-ACTIVE_STATES = ("queued", "running", "stopping")
-FINAL_STATES = ("stopped", "completed", "failed", "diverged")
-
-CONFIG, STATUS, METRICS, LOG = "config.yaml", "status.json", "metrics.jsonl", "train.log"
-LAUNCH, STOP_REQUEST = "launch.json", "stop.request"
-CHECKPOINTS, ADAPTER = "checkpoints", "adapter"
-# Written into a checkpoint folder by the trainer after Trainer has finished every file of it
-# (on every process), so a folder without it is a partial write from a killed process.
-COMPLETE_MARKER = "studio-complete.json"
-LOG_TAIL_LINES = 20
-
+from studio.runs.rundir import (  # noqa: F401  (the runs API re-exports these names)
+    ACTIVE_STATES,
+    ADAPTER,
+    ALIVE_TTL_S,
+    CHECKPOINTS,
+    COMPLETE_MARKER,
+    CONFIG,
+    EVAL,
+    EXPORTS,
+    FINAL_STATES,
+    LAUNCH,
+    LOG,
+    LOG_TAIL_LINES,
+    MERGED,
+    METRICS,
+    STATES,
+    STATUS,
+    STOP_REQUEST,
+    RunDir,
+    check_run_id,
+    finite_json,
+    is_run_id,
+    process_alive,
+    process_start_time,
+    read_json,
+    write_json_atomic,
+)
 
 
 # --- files --------------------------------------------------------------------------------
@@ -72,155 +70,20 @@ def _root(path) -> Path:
     return Path(path or os.environ.get("STUDIO_RUNS_DIR") or "runs")
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Readers never see half a file: write a unique temporary name, then rename over."""
-    path = Path(path)
-    # pid + thread id in the name: two writers (the trainer, a UI thread) never share a temporary file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(finite_json(obj), indent=1))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def finite_json(obj):
-    """NaN/inf become null: strict JSON readers (browsers) reject them."""
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
-
-
-def process_start_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-# How long read_status trusts what it last learned about a process. Each check reads
-# /proc/PID/stat, for which the kernel adds up the CPU time of every thread of the trainer; every
-# open tab reads the status once a second, and 40 such checks a second slowed a trainer on both
-# cores of a 2-core machine by 7% (0.9% without them, bench/ui_load.py). Remembered for a second,
-# it is one check a second whatever the number of tabs; a crash still shows within about a second.
-ALIVE_TTL_S = 1.0
-_alive_lock = threading.Lock()
-_alive_seen: dict[tuple, tuple[float, bool]] = {}
-
-
-def process_alive(pid: int | None, started: float | None, max_age_s: float = 0.0) -> bool:
-    """Whether `pid` is still the process that started at `started` (guards against pid reuse).
-    With `max_age_s`, an answer found within that many seconds is reused."""
-    if not pid:
-        return False
-    if max_age_s <= 0:
-        return _process_alive(pid, started)
-    key, now = (pid, started), time.monotonic()
-    with _alive_lock:
-        hit = _alive_seen.get(key)
-    if hit is not None and now - hit[0] < max_age_s:
-        return hit[1]
-    alive = _process_alive(pid, started)
-    with _alive_lock:
-        if len(_alive_seen) > 256:
-            _alive_seen.clear()
-        _alive_seen[key] = (now, alive)
-    return alive
-
-
-def _process_alive(pid: int, started: float | None) -> bool:
-    try:
-        proc = psutil.Process(int(pid))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if started is None:  # no start time recorded: fall back to the command line
-            return "studio" in " ".join(proc.cmdline())
-        return abs(proc.create_time() - float(started)) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return False
-
-
-def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 16384) -> str:
-    try:
-        with open(Path(run_dir) / LOG, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - max_bytes))
-            text = f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+def log_tail(run_dir: str | os.PathLike, lines: int = LOG_TAIL_LINES, max_bytes: int = 16384) -> str:
+    return RunDir(run_dir).log_tail(lines, max_bytes)
 
 
 # --- reading ------------------------------------------------------------------------------
 
 def read_status(run_dir: str | os.PathLike) -> dict:
-    """status.json as plain data, corrected by what the processes say.
-
-    A run in an active state whose processes are gone is reported `failed` with the tail of
-    train.log as its error (or `stopped` when a stop had been asked for). A requested stop
-    shows as `stopping` at once, before the trainer reaches the end of its step. Never writes.
-    """
-    run_dir = Path(run_dir)
-    status = read_json(run_dir / STATUS) or {"state": "queued", "step": 0}
-    status.setdefault("error", None)
-    launch = read_json(run_dir / LAUNCH) or {}
-    alive = (process_alive(status.get("pid"), status.get("pid_started"), ALIVE_TTL_S)
-             or process_alive(launch.get("pid"), launch.get("pid_started"), ALIVE_TTL_S))
-    stop_asked = (run_dir / STOP_REQUEST).exists()
-    state = status.get("state")
-    if state in ACTIVE_STATES:
-        if alive:
-            if stop_asked:
-                status["state"] = "stopping"
-        elif stop_asked:
-            status["state"] = "stopped"
-        elif launch or status.get("pid"):  # it was started: a dead process without a final state crashed
-            status["state"] = "failed"
-            status["error"] = status.get("error") or (
-                "the trainer process ended without writing a final state; last lines of train.log:\n"
-                + (log_tail(run_dir) or "(train.log is empty)"))
-    status["alive"] = alive
-    status["id"] = run_dir.name
-    status["dir"] = str(run_dir)
-    return status
+    """status.json corrected by what the processes say (RunDir.status); never writes."""
+    return RunDir(run_dir).status()
 
 
 def read_metrics(run_dir: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
-    """New complete lines of metrics.jsonl from byte `offset`, and the offset to pass next time.
-
-    A partial last line (the trainer is mid-write) is left for the next call. The file is
-    append-only; if it is shorter than `offset` it was recreated and is read from the start.
-    """
-    path = Path(run_dir) / METRICS
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() < offset:
-                offset = 0
-            f.seek(offset)
-            chunk = f.read()
-    except FileNotFoundError:
-        return [], offset
-    end = chunk.rfind(b"\n")
-    if end < 0:
-        return [], offset
-    rows = []
-    for line in chunk[:end].splitlines():
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a torn line can only come from a crash mid-write; the next lines are whole
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows, offset + end + 1
+    """New complete lines of metrics.jsonl from byte `offset`, and the next offset (RunDir.read_metrics)."""
+    return RunDir(run_dir).read_metrics(offset)
 
 
 def list_runs(runs_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -230,11 +93,12 @@ def list_runs(runs_dir: str | os.PathLike | None = None) -> list[dict]:
         return []
     out = []
     for d in root.iterdir():
-        if not d.is_dir() or not ((d / CONFIG).exists() or (d / STATUS).exists()):
+        rd = RunDir(d)
+        if not d.is_dir() or not is_run_id(d.name) or not rd.exists():
             continue
-        st = read_status(d)
+        st = rd.status()
         try:
-            cfg = load_config(d / CONFIG).to_dict()
+            cfg = load_config(rd.config).to_dict()
         except ConfigError:
             cfg = {}
         model, lora = cfg.get("model", {}), cfg.get("lora", {})
@@ -256,8 +120,8 @@ def active_run(runs_dir: str | os.PathLike | None = None) -> Path | None:
     if not root.is_dir():
         return None
     for d in sorted(root.iterdir(), reverse=True):
-        if d.is_dir() and (d / STATUS).exists():
-            st = read_status(d)
+        if d.is_dir() and RunDir(d).status_file.exists():
+            st = RunDir(d).status()
             if st["state"] in ACTIVE_STATES and st["alive"]:
                 return d
     return None
@@ -265,13 +129,7 @@ def active_run(runs_dir: str | os.PathLike | None = None) -> Path | None:
 
 def last_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint with its marker, trainer_state.json and adapter weights; partial ones are skipped."""
-    found = []
-    for d in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and d.is_dir() and all((d / f).is_file() for f in
-                                    (COMPLETE_MARKER, "trainer_state.json", "adapter_model.safetensors")):
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
+    return RunDir(run_dir).last_complete_checkpoint()
 
 
 # --- starting and stopping ----------------------------------------------------------------
@@ -288,8 +146,8 @@ def create_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, run_id
     root = _root(runs_dir)
     root.mkdir(parents=True, exist_ok=True)
     base = run_id or make_run_id(cfg)
-    if run_id is not None and (not re.fullmatch(r"[A-Za-z0-9._-]+", run_id) or run_id in (".", "..")):
-        raise RunError(f"run id {run_id!r} may only hold letters, digits, '.', '_' and '-'")
+    if run_id is not None:
+        check_run_id(run_id)
     for n in range(1, 1000):
         run_dir = root / (base if n == 1 else f"{base}-{n}")
         try:
@@ -300,10 +158,11 @@ def create_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, run_id
                 raise RunError(f"run {run_dir} already exists; pick another run id") from None
     else:
         raise RunError(f"could not find a free run id for {base} in {root}")
+    rd = RunDir(run_dir)
     try:
-        cfg.save(run_dir / CONFIG)
-        write_json_atomic(run_dir / STATUS, {"state": "queued", "step": 0, "max_steps": cfg.train.max_steps,
-                                             "pid": None, "created_at": time.time(), "error": None})
+        cfg.save(rd.config)
+        rd.write_status({"state": "queued", "step": 0, "max_steps": cfg.train.max_steps, "pid": None,
+                         "created_at": time.time(), "error": None})
     except BaseException:  # a full disk, Ctrl-C: no folder without its config and status is left behind
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -330,63 +189,126 @@ def start_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, nproc: 
 def resume_run(run_dir: str | os.PathLike) -> Path:
     """Start the trainer again on a stopped, failed or diverged run, from its last complete checkpoint."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
+    rd = RunDir(run_dir)
+    if not rd.config.is_file():
         raise RunError(f"{run_dir} is not a run folder (no {CONFIG})")
     with _folder_lock(run_dir.parent):
-        st = read_status(run_dir)
+        st = rd.status()
         if st["state"] in ACTIVE_STATES and st["alive"]:
             raise RunError(f"run {run_dir.name} is {st['state']}; stop it before resuming")
         if st["state"] == "completed":
             raise RunError(f"run {run_dir.name} is completed ({st.get('step')} of {st.get('max_steps')} steps); "
                            "nothing to resume")
         _refuse_if_active(run_dir.parent)
-        launch = read_json(run_dir / LAUNCH) or {}
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / STOP_REQUEST).unlink()
-        prev = read_json(run_dir / STATUS) or {}
-        write_json_atomic(run_dir / STATUS, {**prev, "state": "queued", "pid": None, "pid_started": None,
-                                             "error": None, "eta_s": None, "updated_at": time.time()})
+        launch = rd.read_launch()
+        rd.clear_stop_request()
+        rd.update_status(state="queued", pid=None, pid_started=None, error=None, eta_s=None, updated_at=time.time())
         _spawn(run_dir, resume=True, nproc=int(launch.get("nproc") or 1),
                accelerate_config=launch.get("accelerate_config"), cwd=launch.get("cwd"))
     return run_dir
 
 
-def stop_run(run_dir: str | os.PathLike, timeout: float | None = None) -> dict:
+# A stop asked before the first step is measured (loading the model or data, or still queued):
+# the trainer leaves at once, as soon as the library call in progress returns to Python.
+STOP_STARTUP_S = 15.0
+# Exit after the adapter is written: trainer.end(), interpreter shutdown, the launcher's exit.
+STOP_EXIT_S = 5.0
+# Checkpoint writes not measured yet, guessed from their size (adapter + two Adam moments, float32).
+GUESS_WRITE_MB_S, GUESS_WRITE_FIXED_S = 50.0, 2.0
+
+
+def stop_estimate(status: dict) -> dict:
+    """How long a graceful stop takes from now, at most, judged from the run's own measured times.
+
+    The trainer ends the optimizer step in progress (or an evaluation in progress and then one
+    step), saves a checkpoint of that step, writes the adapter and exits. status.json carries what
+    it measured (step_s, eval_s, save_s, adapter_save_s); a save not measured yet is guessed from
+    the trainable parameter count. Returns {"expected_s", "step_s", "eval_s", "save_s",
+    "adapter_save_s", "measured"} (measured: whether the step time is the run's own).
+    """
+    phase, trainable = status.get("phase"), status.get("trainable_params") or 0
+    guess = GUESS_WRITE_FIXED_S + trainable * 4 * 3 / 1e6 / GUESS_WRITE_MB_S
+    step_s, eval_s = _seconds(status.get("step_s")), _seconds(status.get("eval_s")) or 0.0
+    save_s = _seconds(status.get("save_s")) or guess
+    adapter_s = _seconds(status.get("adapter_save_s")) or min(save_s, guess)
+    if phase == "saving adapter":
+        expected = adapter_s + STOP_EXIT_S
+    elif phase != "training":  # queued, starting, loading: nothing to save yet
+        expected = STOP_STARTUP_S
+    else:  # a first step not measured yet counts as long as a start-up
+        expected = eval_s + (STOP_STARTUP_S if step_s is None else step_s) + save_s + adapter_s + STOP_EXIT_S
+    return {"expected_s": round(expected, 1), "step_s": step_s, "eval_s": eval_s or None, "save_s": save_s,
+            "adapter_save_s": adapter_s, "measured": step_s is not None}
+
+
+def stop_budget(expected_s: float) -> float:
+    """How long stop_run(wait=True) waits before it gives up waiting (it never kills): twice the
+    expectation and half a minute, since a machine that got busier makes every step slower."""
+    return 2 * expected_s + 30.0
+
+
+def _seconds(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
+
+
+def stop_run(run_dir: str | os.PathLike, timeout: float | None = None, *, wait: bool = False,
+             kill: bool = False, on_wait: Callable[[dict], None] | None = None) -> dict:
     """Ask the trainer to stop: it ends the current step, saves a checkpoint and the adapter, ends `stopped`.
 
-    Safe to repeat; a run that is not active is left as it is. With `timeout`, waits that many
-    seconds for a final state, then kills the process group and marks the run `failed`.
+    Safe to repeat; a run that is not active is left as it is. Without `timeout`, `wait` or `kill`
+    it only asks and returns. With `wait`, it waits for the stop as long as the run's own step and
+    save times say (stop_estimate, stop_budget) and never kills: a run still stopping then is
+    returned as it is. Killing is only ever asked for: with `timeout`, the caller's own number of
+    seconds, after which the process group is killed and the run marked `failed`; with `kill`
+    alone, at once. `on_wait(estimate)` is called before waiting, so a caller can say how long.
     Returns the status after the request (or after the wait).
     """
     run_dir = Path(run_dir)
-    st = read_status(run_dir)
+    rd = RunDir(run_dir)
+    st = rd.status()
     if st["state"] not in ACTIVE_STATES or not st["alive"]:
         return st
-    (run_dir / STOP_REQUEST).write_text(json.dumps({"requested_at": time.time()}))
+    if kill and timeout is None:
+        return _kill(rd, f"killed on request at step {st.get('step', 0)}, without saving that step")
+    rd.request_stop()
     _signal_run(run_dir, signal.SIGTERM)
-    if timeout is None:
-        return read_status(run_dir)
-    deadline = time.monotonic() + timeout
+    if timeout is None and not wait:
+        return rd.status()
+    estimate = stop_estimate(st)
+    if on_wait is not None:
+        on_wait(estimate)
+    limit = float(timeout) if timeout is not None else stop_budget(estimate["expected_s"])
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        st = read_status(run_dir)
+        st = rd.status()
         if not st["alive"] and st["state"] in FINAL_STATES:
             return st
         time.sleep(0.2)
-    _signal_run(run_dir, signal.SIGKILL)
-    time.sleep(0.2)
-    prev = read_json(run_dir / STATUS) or {}
+    if timeout is None:
+        return rd.status()  # still stopping: it ends by itself; killing was not asked for
+    return _kill(rd, f"did not stop within {timeout:g} s of SIGTERM; killed as asked")
+
+
+def _kill(rd: RunDir, why: str) -> dict:
+    _signal_run(rd.path, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0  # the kernel frees a killed process at once; a busy machine may lag
+    while rd.status(max_age_s=0)["alive"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    prev = rd.read_status_file() or {}
     if prev.get("state") not in FINAL_STATES:
-        write_json_atomic(run_dir / STATUS, {**prev, "state": "failed", "updated_at": time.time(),
-                                             "error": f"did not stop within {timeout:g} s of SIGTERM; killed"})
-    return read_status(run_dir)
+        ckpt = rd.last_complete_checkpoint()
+        rd.write_status({**prev, "state": "failed", "updated_at": time.time(), "error": why + (
+            f"; resume continues from {ckpt.name}" if ckpt else "; no checkpoint had been saved")})
+    return rd.status(max_age_s=0)
 
 
 def delete_run(run_dir: str | os.PathLike) -> None:
     """Remove a run folder; refuses while its trainer is alive."""
     run_dir = Path(run_dir)
-    if not ((run_dir / CONFIG).exists() or (run_dir / STATUS).exists()):
+    rd = RunDir(run_dir)
+    if not (rd.config.exists() or rd.status_file.exists()):
         raise RunError(f"{run_dir} is not a run folder (no {CONFIG} or {STATUS}); not deleting it")
-    st = read_status(run_dir)
+    st = rd.status()
     if st["state"] in ACTIVE_STATES and st["alive"]:
         raise RunError(f"run {run_dir.name} is {st['state']}; stop it before deleting")
     shutil.rmtree(run_dir)
@@ -438,23 +360,24 @@ def _spawn(run_dir: Path, resume: bool, nproc: int, accelerate_config, cwd: str 
     cmd = trainer_command(run_dir, resume, nproc, None if accelerate_config is None else Path(accelerate_config).resolve())
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cwd = cwd if cwd and Path(cwd).is_dir() else os.getcwd()
-    with open(run_dir / LOG, "ab") as log:
+    rd = RunDir(run_dir)
+    with open(rd.log, "ab") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
         # A new session: the trainer outlives the UI or terminal, and stop signals its whole group.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=cwd, env=env, start_new_session=True)
-    write_json_atomic(run_dir / LAUNCH, {"pid": proc.pid, "pid_started": process_start_time(proc.pid),
-                                         "cmd": cmd, "cwd": cwd, "nproc": nproc, "resume": resume,
-                                         "accelerate_config": None if accelerate_config is None else str(accelerate_config),
-                                         "launched_at": time.time()})
+    rd.write_launch({"pid": proc.pid, "pid_started": process_start_time(proc.pid),
+                     "cmd": cmd, "cwd": cwd, "nproc": nproc, "resume": resume,
+                     "accelerate_config": None if accelerate_config is None else str(accelerate_config),
+                     "launched_at": time.time()})
     # Reap the child when it exits so a long-lived UI does not collect zombies.
     threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
 
 
 def _signal_run(run_dir: Path, sig: int) -> None:
-    st = read_json(run_dir / STATUS) or {}
-    launch = read_json(run_dir / LAUNCH) or {}
+    st = RunDir(run_dir).read_status_file() or {}
+    launch = RunDir(run_dir).read_launch()
     with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
         if process_alive(launch.get("pid"), launch.get("pid_started")):
             launcher = int(launch["pid"])
@@ -475,7 +398,7 @@ def _signal_run(run_dir: Path, sig: int) -> None:
 def _refuse_if_active(root: Path) -> None:
     active = active_run(root)
     if active is not None:
-        st = read_status(active)
+        st = RunDir(active).status()
         raise RunError(f"run {active.name} in {root} is {st['state']} (step {st.get('step', 0)} of "
                        f"{st.get('max_steps')}); stop it first (studio stop {active}) or use another runs folder")
 

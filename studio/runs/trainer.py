@@ -1,7 +1,7 @@
 """The background trainer process: `python -m studio.runs.trainer RUN_DIR [--resume]`.
 
 Reads RUN_DIR/config.yaml, builds the tokenizer, datasets, model and PEFT model, and runs
-transformers' `Trainer`. Everything it reports goes into the run directory (see runs.py):
+transformers' `Trainer`. Everything it reports goes into the run directory (studio.runs.rundir):
 status.json (rewritten atomically), metrics.jsonl (one line per Trainer log event, flushed),
 train.log (this process's stdout and stderr, redirected by the launcher). Started by
 `runs.start_run` / `runs.resume_run`, by `studio train`, or by hand.
@@ -9,7 +9,10 @@ train.log (this process's stdout and stderr, redirected by the launcher). Starte
 Stopping. SIGTERM or SIGINT (what `studio stop` sends): the current step finishes, a checkpoint
 of that step is saved (so a resume continues from exactly there), the adapter is written and
 the run ends `stopped`, within about one step plus a save. A signal that comes while the model
-or data are still loading stops at once, without an adapter.
+or data are still loading stops at once, without an adapter. So that a stop knows how long to
+wait, status.json carries the times measured on this run: step_s (the slowest of the last
+STEP_WINDOW optimizer steps), eval_s (the last evaluation), save_s (the last checkpoint save) and
+adapter_save_s (the last adapter write); studio.runs.stop_estimate reads them.
 
 Divergence. A non-finite training loss stops the run as `diverged`. That step's update is
 skipped and never checkpointed, so the checkpoints all hold finite weights. adapter/ then holds
@@ -37,8 +40,10 @@ metrics and the adapter. For multi-node, FSDP or DeepSpeed, write an accelerate 
 which becomes `accelerate launch --config_file my.yaml [--num_processes N] -m studio.runs.trainer RUN_DIR`;
 the file then decides backend, machines, ports, FSDP or DeepSpeed settings and mixed precision.
 
-Test hook: the environment variable STUDIO_INJECT_NAN_AT_STEP=N multiplies the training loss
-of optimizer step N by NaN, as a real divergence would look. It exists for the tests.
+Test hooks: the environment variable STUDIO_INJECT_NAN_AT_STEP=N multiplies the training loss
+of optimizer step N by NaN, as a real divergence would look; STUDIO_SLOW_STEP_S=SECONDS makes
+every optimizer step that much longer, as a big model or a busy machine would. They exist for
+the tests.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from collections import deque  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import datasets  # noqa: E402
@@ -90,8 +96,11 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from studio import _compat, runs  # noqa: E402
 from studio.config import RunConfig, load_config  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
+from studio.runs.rundir import RunDir  # noqa: E402
 
 NAN_HOOK_ENV = "STUDIO_INJECT_NAN_AT_STEP"
+SLOW_HOOK_ENV = "STUDIO_SLOW_STEP_S"
+STEP_WINDOW = 20  # step_s is the slowest of this many recent steps: one slow step is not forgotten at once
 # Trainer's own files in a checkpoint; everything else there (adapter, tokenizer) is the adapter.
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
                  runs.COMPLETE_MARKER}
@@ -103,14 +112,15 @@ class Reporter:
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.run_dir, self.enabled = run_dir, enabled
-        self.status = runs.read_json(run_dir / runs.STATUS) or {}
-        self._metrics = open(run_dir / runs.METRICS, "a", encoding="utf-8") if enabled else None
+        self.rd = RunDir(run_dir)
+        self.status = self.rd.read_status_file() or {}
+        self._metrics = self.rd.open_metrics() if enabled else None
 
     def update(self, **fields) -> None:
         self.status.update(fields)
         self.status["updated_at"] = time.time()
         if self.enabled:
-            runs.write_json_atomic(self.run_dir / runs.STATUS, self.status)
+            self.rd.write_status(self.status)
 
     def metrics(self, row: dict) -> None:
         if self.enabled:
@@ -126,9 +136,10 @@ class StudioTrainer(_compat.DeferCheckpointRotation, Trainer):
     nothing extra because Trainer already syncs on the loss value for its NaN log filter.
     """
 
-    def __init__(self, *args, inject_nan_at: int | None = None, **kwargs):
+    def __init__(self, *args, inject_nan_at: int | None = None, slow_step_s: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.inject_nan_at = inject_nan_at
+        self.inject_nan_at, self.slow_step_s = inject_nan_at, slow_step_s
+        self.save_t0 = self.eval_t0 = None  # when the checkpoint save or evaluation in progress began
         tok = self.processing_class
         pad, eos = getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)
         self.pad_id = pad if pad != eos else None  # a pad that doubles as EOS cannot tell padding apart
@@ -137,10 +148,21 @@ class StudioTrainer(_compat.DeferCheckpointRotation, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.tokens = self.tokens + count_tokens(inputs, self.pad_id)
+        if self.slow_step_s > 0:
+            time.sleep(self.slow_step_s / self.args.gradient_accumulation_steps)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.bad_loss is None and not bool(torch.isfinite(loss).all()):
             self.bad_loss = (self.state.global_step + 1, float(loss.float().mean()))
         return loss
+
+    def checkpoint_save_started(self):
+        # Saving runs with rotation off (DeferCheckpointRotation); StudioCallback.on_save rotates
+        # once the new checkpoint is marked complete, so a kill in between never leaves none.
+        self.save_t0 = time.time()
+
+    def evaluate(self, *args, **kwargs):
+        self.eval_t0 = time.time()
+        return super().evaluate(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -171,6 +193,7 @@ class StudioCallback(TrainerCallback):
         self.trainer: StudioTrainer | None = None
         self.stop = self.diverged = False
         self.elapsed_before = float(report.status.get("elapsed_s") or 0.0)
+        self.step_t0, self.step_times = None, deque(maxlen=STEP_WINDOW)
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t0
@@ -181,6 +204,9 @@ class StudioCallback(TrainerCallback):
         self.step0, self.train_time = state.global_step, 0.0
         self.report.update(state="stopping" if _Stop.requested else "running", phase="training",
                            step=state.global_step, max_steps=state.max_steps)
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.step_t0 = time.time()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
         stop, bad = _Stop.requested, self.trainer.bad_loss is not None
@@ -198,6 +224,13 @@ class StudioCallback(TrainerCallback):
         now = time.time()
         self.train_time += now - self.mark
         self.mark = now
+        if self.step_t0 is not None:
+            self.step_times.append(now - self.step_t0)
+            self.report.status["step_s"] = round(max(self.step_times), 3)
+        if self.world == 1 and _Stop.requested and not self.diverged:
+            # A signal during the optimizer step itself: one process needs no agreement, so this step
+            # is the last rather than the next one.
+            self.stop = True
         if self.diverged:
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False  # never checkpoint the step that went bad
@@ -214,17 +247,20 @@ class StudioCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kw):
         self.mark = time.time()  # evaluation time is not training time (tokens/s)
+        if self.trainer.eval_t0 is not None:
+            self.report.status["eval_s"] = round(self.mark - self.trainer.eval_t0, 3)
 
     def on_save(self, args, state, control, **kw):
         if self.world > 1:
             torch.distributed.barrier()  # every process has written its share (rng state) of the checkpoint
         if self.report.enabled:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            runs.write_json_atomic(folder / runs.COMPLETE_MARKER, {"step": state.global_step, "saved_at": time.time()})
+            self.report.rd.mark_checkpoint_complete(state.global_step)
             if args.save_total_limit:
                 # Only now that the new checkpoint is marked complete (see DeferCheckpointRotation).
                 _compat.rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
         self.mark = time.time()
+        if self.trainer.save_t0 is not None:
+            self.report.status["save_s"] = round(self.mark - self.trainer.save_t0, 3)
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
@@ -258,7 +294,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool, group_by_l
     t = cfg.train
     cuda = torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=str(run_dir / runs.CHECKPOINTS),
+        output_dir=str(RunDir(run_dir).checkpoints),
         learning_rate=t.learning_rate, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
@@ -319,12 +355,12 @@ def build(cfg: RunConfig, run_dir: Path, report: Reporter) -> tuple[StudioTraine
                   train_sequences=len(data.train), packed=data.packed, train_tokens=data.train_tokens,
                   warnings=list(data.warnings))
     cb = StudioCallback(report, world)
-    nan_at = os.environ.get(NAN_HOOK_ENV)
+    nan_at, slow = os.environ.get(NAN_HOOK_ENV), os.environ.get(SLOW_HOOK_ENV)
     trainer = StudioTrainer(
         model=model, args=training_arguments(cfg, run_dir, data.eval is not None, data.group_by_length),
         train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator, processing_class=tokenizer,
         compute_metrics=_accuracy if seq_cls else None, preprocess_logits_for_metrics=_argmax if seq_cls else None,
-        callbacks=[cb], inject_nan_at=int(nan_at) if nan_at else None)
+        callbacks=[cb], inject_nan_at=int(nan_at) if nan_at else None, slow_step_s=float(slow) if slow else 0.0)
     cb.trainer = trainer
     return trainer, cb
 
@@ -333,11 +369,12 @@ def build(cfg: RunConfig, run_dir: Path, report: Reporter) -> tuple[StudioTraine
 
 def publish_adapter(run_dir: Path, write) -> Path:
     """Write the adapter into a temporary folder of the run, then rename it to adapter/."""
-    tmp = run_dir / f".adapter-tmp-{os.getpid()}"
+    final = RunDir(run_dir).adapter
+    tmp = final.with_name(f".{final.name}-tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
-    final, old = run_dir / runs.ADAPTER, run_dir / f".adapter-old-{os.getpid()}"
+    old = final.with_name(f".{final.name}-old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)  # a directory cannot be renamed over a non-empty one
     os.replace(tmp, final)
@@ -357,20 +394,20 @@ def adapter_is_finite(model) -> bool:
 
 def drop_partial_checkpoints(run_dir: Path) -> list[str]:
     dropped = []
-    for d in (run_dir / runs.CHECKPOINTS).glob("checkpoint-*"):
-        if d.is_dir() and not (d / runs.COMPLETE_MARKER).is_file():
-            shutil.rmtree(d, ignore_errors=True)
-            dropped.append(d.name)
+    for d in RunDir(run_dir).partial_checkpoints():
+        shutil.rmtree(d, ignore_errors=True)
+        dropped.append(d.name)
     return dropped
 
 
 # --- the run ----------------------------------------------------------------------------------
 
 def train(run_dir: Path, resume: bool, report: Reporter) -> str:
-    cfg = load_config(run_dir / runs.CONFIG)
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config)
     ckpt = None
     if resume:
-        ckpt = runs.last_complete_checkpoint(run_dir)
+        ckpt = rd.last_complete_checkpoint()
         if report.enabled:
             dropped = drop_partial_checkpoints(run_dir)
             if dropped:
@@ -378,7 +415,7 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
             print(f"studio: resuming from {ckpt.name if ckpt else 'the start (no complete checkpoint)'}", flush=True)
     trainer, cb = build(cfg, run_dir, report)
     if ckpt is not None:
-        report.metrics({"event": "resumed", "step": int(ckpt.name.split("-")[1]), "checkpoint": ckpt.name})
+        report.metrics({"event": "resumed", "step": rd.checkpoint_step(ckpt), "checkpoint": ckpt.name})
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
 
     step = trainer.state.global_step
@@ -390,10 +427,10 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
         if state == "diverged":
             bad = trainer.bad_loss
             why = error or f"loss became {bad[1]} at step {bad[0]}"
-            good = runs.last_complete_checkpoint(run_dir)
+            good = rd.last_complete_checkpoint()
             if good is not None:
                 publish_adapter(run_dir, lambda d: copy_checkpoint_adapter(good, d))
-                adapter_step = int(good.name.split("-")[1])
+                adapter_step = rd.checkpoint_step(good)
                 error = f"{why}; adapter/ holds {good.name}, the last good checkpoint"
             else:
                 error = f"{why}; no checkpoint had been saved yet, so there is no adapter"
@@ -401,8 +438,10 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
             def write(d: Path):
                 trainer.model.save_pretrained(d)
                 trainer.processing_class.save_pretrained(d)
+            t0 = time.time()
             publish_adapter(run_dir, write)
             adapter_step = step
+            report.status["adapter_save_s"] = round(time.time() - t0, 3)
     report.update(state=state, phase="done", step=step, eta_s=0.0, error=error, adapter_step=adapter_step,
                   elapsed_s=cb._elapsed(), finished_at=time.time())
     trainer.end()
@@ -415,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     a = p.parse_args(argv)
     run_dir = Path(a.run_dir).resolve()
-    if not (run_dir / runs.CONFIG).is_file():
+    if not RunDir(run_dir).config.is_file():
         print(f"error: {run_dir} has no {runs.CONFIG}; create runs with `studio train CONFIG.yaml`", file=sys.stderr)
         return 2
     main_process = int(os.environ.get("RANK", "0")) == 0

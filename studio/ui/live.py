@@ -351,11 +351,7 @@ def next_poll_ms(tab: str | None, active: bool) -> int:
     return ms
 
 
-def valid_run_id(name) -> bool:
-    """A plain folder name: no separators, not . or .., at most 255 characters. Anything in the
-    runs folder can be a run (made by hand too), so nothing stricter is asked."""
-    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
-            and not any(c in name for c in "/\\\0"))
+valid_run_id = runs.is_run_id  # the one run-id rule (studio.runs.rundir)
 
 
 def phase(value) -> dict:

@@ -41,7 +41,7 @@ def merge(runs_dir: Path, run_id: str, dtype: str, verify: bool, progress=None) 
         rep = merging.merge_run(d, dtype=dtype, verify=verify, overwrite=True, progress=report)
         zip_path = None
         if rep.size_mb <= ZIP_LIMIT_MB:
-            zip_path = str(export.export_merged_zip(rep.out, d / "exports" / f"{run_id}-merged.zip"))
+            zip_path = str(export.export_merged_zip(rep.out, runs.RunDir(d).merged_zip))
     except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     except OSError as e:  # a full disk: the merge left nothing that looks complete; say why
@@ -78,8 +78,7 @@ def adapter_zip(runs_dir: Path, run_id: str) -> str:
         from studio.config import load_config
 
         base = load_config(d / runs.CONFIG).model.name_or_path
-        return str(export.export_adapter_zip(d / runs.ADAPTER, d / "exports" / f"{run_id}-adapter.zip",
-                                             base_name=base))
+        return str(export.export_adapter_zip(runs.RunDir(d).adapter, runs.RunDir(d).adapter_zip, base_name=base))
     except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
 

@@ -47,7 +47,7 @@ def run_ids(runs_dir: Path) -> list[str]:
 
 def run_folder(runs_dir: Path, run_id: str) -> Path:
     """A run folder by id; ids come from the browser, so nothing but a direct child is accepted."""
-    if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
+    if not runs.is_run_id(run_id):
         raise gr.Error(f"no run {run_id!r}", print_exception=False)
     d = runs_dir / run_id
     if not (d / runs.CONFIG).is_file():
