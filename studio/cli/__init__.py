@@ -161,9 +161,10 @@ def _conversion_progress():
     shown = set()
 
     def line(fraction: float, message: str) -> None:
-        step = round(fraction * 10)  # one line per tenth: whole lines, so an error after it starts on its own
-        if step not in shown:
-            shown.add(step)
+        # Whole lines (an error after one starts on its own): each stage, then at most one a tenth.
+        key = (message.split(" ", 1)[0], int(fraction * 10))
+        if key not in shown:
+            shown.add(key)
             print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
 
     return gguf.reporting(line)
