@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sweep", action="store_true", help="table over r in 1..128 and common target sets")
     c.add_argument("--json", action="store_true")
     c.add_argument("--trust-remote-code", action="store_true")
+    m = c.add_argument_group("training memory estimate (with --batch and --seq)")
+    m.add_argument("--batch", type=int, default=None, help="micro-batch size (per device)")
+    m.add_argument("--seq", type=int, default=None, help="sequence length in tokens")
+    m.add_argument("--quant", default="none", help="base weights: none, 8bit or 4bit (bitsandbytes NF4)")
+    m.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16")
+    m.add_argument("--gradient-checkpointing", action="store_true")
+    m.add_argument("--optimizer", default="adamw", help="adamw or adamw_8bit")
+
 
     from studio.cli.evaluate import add_parser as add_eval_parser
     from studio.cli.export import add_parser as add_export_parser
@@ -127,15 +135,40 @@ def cmd_count(a) -> int:
             print(lora.render_sweep(table))
         return 0
     c = lora.check(tree, settings)
+    mem = _memory(a, tree, c, settings)
     if a.json:
-        _print_json({"model": a.model, **c.to_dict()})
+        _print_json({"model": a.model, **c.to_dict(), **({"memory": mem.to_dict()} if mem else {})})
         return 0
     print(f"{a.model}: {c.trainable:,} trainable of {c.total:,} parameters ({c.trainable_percent:.4f}%)")
     print(f"adapter size: {c.adapter_mb['float32']:.2f} MB float32, {c.adapter_mb['bfloat16']:.2f} MB bfloat16;"
           f" scaling alpha/r = {c.scaling:g}")
     print(f"{len(c.matched_modules)} modules adapted; by type: "
           + ", ".join(f"{k} {human(v)}" for k, v in c.by_type.items()))
+    if mem:
+        print(f"memory for micro-batch {a.batch} x {a.seq} ({a.precision}, quant {a.quant}"
+              f"{', gradient checkpointing' if a.gradient_checkpointing else ''}, {a.optimizer}):"
+              f" total {_gb(mem.total_bytes)}")
+        print(f"  weights {_gb(mem.weights_bytes)}, adapter {_gb(mem.trainable_bytes)} + gradients"
+              f" {_gb(mem.gradients_bytes)} + optimizer {_gb(mem.optimizer_bytes)}, activations {_gb(mem.activations_bytes)}")
     return 0
+
+
+def _memory(a, tree, c, settings):
+    """The training-memory estimate when --batch and --seq ask for it, else None."""
+    if a.batch is None and a.seq is None:
+        if a.quant != "none" or a.precision != "fp32" or a.gradient_checkpointing or a.optimizer != "adamw":
+            raise UsageError("--quant, --precision, --gradient-checkpointing and --optimizer need --batch N --seq N")
+        return None
+    if a.batch is None or a.seq is None:
+        raise UsageError(f"the memory estimate needs both --batch and --seq (got --{'seq' if a.batch is None else 'batch'} only)")
+    from studio.models import memory
+
+    return memory.estimate(tree, c, settings, batch=a.batch, seq=a.seq, quant=a.quant, precision=a.precision,
+                           gradient_checkpointing=a.gradient_checkpointing, optimizer=a.optimizer)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _print_json(obj) -> None:
