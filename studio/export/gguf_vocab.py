@@ -153,31 +153,20 @@ def _flatten(pre: dict | None) -> list[dict]:
 
 # --- Ollama -----------------------------------------------------------------------------------
 
-_CHATML = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range .Messages }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
-"""
-_LLAMA3 = """{{- if .System }}<|start_header_id|>system<|end_header_id|>
+# Ollama's own shape for these families: .Messages when the client sends a conversation (system
+# turns included, so .System is not added again), else the one-shot .System / .Prompt form.
+def _ollama_template(turn: str, end: str, assistant: str) -> str:
+    one = lambda role, var: f"{{{{ if .{var} }}}}{turn.format(role=role)}{{{{ .{var} }}}}{end}{{{{ end }}}}"
+    return ("{{- if .Messages }}\n{{- range .Messages }}" + turn.format(role="{{ .Role }}") + "{{ .Content }}" + end
+            + "{{ end }}" + assistant + "{{ else }}" + one("system", "System") + one("user", "Prompt") + assistant
+            + "{{ end }}{{ .Response }}{{ if .Response }}" + end.rstrip("\n") + "{{ end }}")
 
-{{ .System }}<|eot_id|>
-{{- end }}
-{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>
 
-{{ .Content }}<|eot_id|>
-{{- end }}<|start_header_id|>assistant<|end_header_id|>
-
-"""
-# The studio's own plain template (studio.models.registry.CHAT_TEMPLATE).
-_PLAIN = """{{- if .System }}<|system|>
-{{ .System }}
-{{ end }}
-{{- range .Messages }}<|{{ .Role }}|>
-{{ .Content }}
-{{ end }}<|assistant|>
-"""
+_CHATML = _ollama_template("<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n")
+_LLAMA3 = _ollama_template("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+# The studio's own plain template (studio.models.registry.CHAT_TEMPLATE): no end-of-turn token.
+_PLAIN = _ollama_template("<|{role}|>\n", "\n", "<|assistant|>\n")
 
 
 def template_family(chat_template: str | None) -> str | None:
