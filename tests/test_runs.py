@@ -246,3 +246,82 @@ def test_follow_reports_until_final(tmp_path):
     seen = []
     st = runs.follow(run, lambda s, rows: seen.append((s["state"], [r["step"] for r in rows])), poll_s=0.01)
     assert st["state"] == "completed" and seen[0] == ("completed", [1, 2])
+
+
+def test_stop_estimate_is_judged_from_the_runs_own_times():
+    slow = {"phase": "training", "step_s": 50.0, "save_s": 4.0, "adapter_save_s": 1.5, "eval_s": None}
+    est = runs.stop_estimate(slow)
+    assert est["measured"] and est["expected_s"] == pytest.approx(50 + 4 + 1.5 + runs.manager.STOP_EXIT_S)
+    assert runs.stop_estimate({**slow, "eval_s": 20.0})["expected_s"] == pytest.approx(est["expected_s"] + 20)
+    assert runs.stop_budget(est["expected_s"]) > est["expected_s"], "a busier machine gets room"
+    # Saves not measured yet are guessed from the adapter's size (weights and two Adam moments, float32).
+    big = runs.stop_estimate({"phase": "training", "step_s": 1.0, "trainable_params": 100_000_000})
+    small = runs.stop_estimate({"phase": "training", "step_s": 1.0, "trainable_params": 1_000})
+    assert big["save_s"] > small["save_s"] + 20
+    first = runs.stop_estimate({"phase": "training"})  # the first step is not measured yet
+    assert not first["measured"] and first["expected_s"] >= runs.manager.STOP_STARTUP_S
+    assert runs.stop_estimate({"phase": "loading model"})["expected_s"] == runs.manager.STOP_STARTUP_S
+    assert runs.stop_estimate({"phase": "saving adapter", "adapter_save_s": 2.0})["expected_s"] == \
+        pytest.approx(2.0 + runs.manager.STOP_EXIT_S)
+
+
+@pytest.fixture
+def deaf_trainer(tmp_path):
+    """A run whose 'trainer' ignores SIGTERM, as one busy in a long step does for a while."""
+    run = runs.create_run(cfg(), tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                             "print('ready', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline().strip() == b"ready"
+    who = {"pid": proc.pid, "pid_started": runs.process_start_time(proc.pid)}
+    runs.write_json_atomic(run / runs.LAUNCH, {**who, "cmd": ["python", "-m", "studio.runs.trainer"]})
+    set_status(run, state="running", phase="training", step=7, step_s=0.1, save_s=0.1, **who)
+    yield run, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_stop_waits_without_killing_unless_asked(deaf_trainer, monkeypatch):
+    run, proc = deaf_trainer
+    monkeypatch.setattr(runs.manager, "stop_budget", lambda expected: 0.5)  # keep the wait short here
+    seen = []
+    st = runs.stop_run(run, wait=True, on_wait=seen.append)
+    assert seen and seen[0]["measured"] and seen[0]["step_s"] == 0.1
+    assert st["state"] == "stopping" and st["alive"], "waited, then left it stopping: not killed"
+    assert proc.poll() is None
+    assert runs.read_json(run / runs.STATUS)["state"] == "running", "nothing marked failed"
+
+    st = runs.stop_run(run, timeout=0.3)  # an explicit wait the caller chose: then it is killed
+    assert st["state"] == "failed" and not st["alive"]
+    assert st["error"].startswith("did not stop within 0.3 s of SIGTERM; killed as asked")
+    assert not runs.read_status(run)["alive"], "a remembered 'alive' does not outlive the kill"
+    assert proc.wait(timeout=5) == -9
+
+
+def test_stop_kill_ends_the_trainer_at_once(deaf_trainer):
+    run, proc = deaf_trainer
+    t0 = time.monotonic()
+    st = runs.stop_run(run, kill=True)
+    assert time.monotonic() - t0 < 5
+    assert st["state"] == "failed" and "killed on request at step 7" in st["error"]
+    assert "no checkpoint had been saved" in st["error"]
+    assert not runs.read_status(run)["alive"]
+    assert proc.wait(timeout=5) == -9
+
+
+def test_cli_stop_says_what_it_waits_for_and_refuses_a_negative_wait(deaf_trainer, capsys):
+    from studio.cli import main
+
+    run, proc = deaf_trainer
+    assert main(["stop", str(run), "--wait", "-1"]) == 2
+    assert "--wait must be a number of seconds >= 0, got -1" in capsys.readouterr().err
+    assert main(["stop", str(run), "--wait", "0"]) == 0  # only asks
+    out = capsys.readouterr().out
+    assert re.match(rf"{run.name}: stop asked at step 7; it ends after the step in progress and its save, about "
+                    r"\d+ s \(a step ~0\.1 s, checkpoint save ~0\.1 s, adapter save ~[\d.]+ s\)", out), out
+    assert proc.poll() is None and (run / runs.STOP_REQUEST).exists()
+    assert main(["stop", str(run), "--kill"]) == 0
+    assert "killed at step 7; killed on request" in capsys.readouterr().out
+    assert main(["stop", str(run)]) == 0
+    assert "(not running; nothing to stop)" in capsys.readouterr().out
+    assert main(["stop", str(run.parent / "nope")]) == 2

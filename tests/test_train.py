@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -293,3 +294,50 @@ def test_classification_run_reports_eval_accuracy(env, tmp_path):
     assert st["eval_accuracy"] == evals[-1]["eval_accuracy"]
     keys = adapter_tensors(run_dir / "adapter")
     assert any("classifier" in k for k in keys), "the new head is trained and saved with the adapter"
+
+
+@pytest.mark.slow
+def test_stop_waits_for_a_slow_step_and_its_save(env, dataset, tmp_path, capsys):
+    """Steps made slow (STUDIO_SLOW_STEP_S): `studio stop` says how long it expects from the run's own
+    step and save times, waits for them and ends `stopped` with the step saved; nothing is killed.
+    Killing happens only when asked (--wait SECONDS)."""
+    from studio.cli import main
+
+    slow = 2.5
+    env.setenv("STUDIO_SLOW_STEP_S", str(slow))
+    try:
+        run_dir = runs.start_run(make_cfg(dataset, max_steps=200, save_steps=2, eval_steps=1000), tmp_path / "runs")
+    finally:
+        env.delenv("STUDIO_SLOW_STEP_S")
+    wait_until(lambda: (runs.read_json(run_dir / runs.STATUS) or {}).get("save_s") is not None, 120,
+               "a measured step and save", run_dir)
+    st = runs.read_status(run_dir)
+    assert st["step_s"] >= slow and st["save_s"] > 0 and st["state"] == "running"
+    t0 = time.monotonic()
+    rc = main(["stop", str(run_dir)])
+    took = time.monotonic() - t0
+    out, err = capsys.readouterr()
+    assert rc == 0, (out, err, runs.log_tail(run_dir, 40))
+    expected = float(re.search(r"waiting for the step in progress and the save, about (\d+) s", err).group(1))
+    assert expected >= slow and "a step ~" in err and "never killed" in err
+    st = runs.read_status(run_dir)
+    with capsys.disabled():
+        print(f"\nslow-step stop: step_s {st['step_s']:.2f} s, save_s {st['save_s']:.3f} s, expected {expected:.0f} s, "
+              f"took {took:.1f} s")
+    assert st["state"] == "stopped" and out.strip() == f"{run_dir.name}: stopped at step {st['step']}"
+    assert st["adapter_step"] == st["step"] and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert runs.last_complete_checkpoint(run_dir).name == f"checkpoint-{st['step']}", "the step in progress is saved"
+    assert st["adapter_save_s"] > 0
+
+    env.setenv("STUDIO_SLOW_STEP_S", str(slow))
+    try:
+        runs.resume_run(run_dir)  # the same slow run again, now stopped with a wait shorter than its step
+    finally:
+        env.delenv("STUDIO_SLOW_STEP_S")
+    wait_until(lambda: runs.read_status(run_dir)["phase"] == "training" and runs.read_status(run_dir)["alive"], 120,
+               "training again", run_dir)
+    rc = main(["stop", str(run_dir), "--wait", "0.2"])
+    out, err = capsys.readouterr()
+    st = runs.read_status(run_dir)
+    assert rc == 0 and "killed if it has not stopped after 0.2 s" in err
+    assert st["state"] == "failed" and "killed as asked" in st["error"] and not st["alive"]

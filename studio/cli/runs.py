@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 from studio.config import load_config
-from studio.errors import ConfigError
-from studio.runs.preflight import check_runs_folder, preflight
+from studio.errors import ConfigError, UsageError
 
 
 def add_parsers(sub) -> None:
@@ -30,9 +29,14 @@ def add_parsers(sub) -> None:
     r.add_argument("--runs-dir", default=None)
     r.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("stop", help="stop a run: it ends the current step and saves the adapter")
+    s = sub.add_parser("stop", help="stop a run: it ends the step in progress, saves a checkpoint and the adapter")
     s.add_argument("run_dir")
-    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the run to end (0: don't wait)")
+    s.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="give the run this many seconds to stop, then kill it (0: only ask, do not wait); by default "
+                        "it waits as long as the run's own step and save times say, and never kills")
+    s.add_argument("--kill", action="store_true",
+                   help="end the trainer now (SIGKILL), without saving the step in progress; the run is marked "
+                        "failed and resumes from its last complete checkpoint")
 
     m = sub.add_parser("merge", help="merge an adapter into its base model (streaming, shard by shard)")
     m.add_argument("run_dir", nargs="?", help="a run folder with a final adapter")
@@ -87,6 +91,7 @@ def _print_json(obj) -> None:
 
 def cmd_train(a) -> int:
     from studio import runs
+    from studio.runs.preflight import check_runs_folder, preflight  # torch and peft: only where a run starts
 
     if a.resume:
         if a.config:
@@ -118,7 +123,9 @@ def follow(run_dir: Path) -> int:
     try:
         st = runs.follow(run_dir, bar.update)
     except KeyboardInterrupt:
-        bar.note("stopping: the trainer finishes this step and saves the adapter (Ctrl-C again to leave it)")
+        expected = runs.stop_estimate(runs.read_status(run_dir))["expected_s"]
+        bar.note(f"stopping: the trainer finishes this step and saves the adapter, about {expected:.0f} s "
+                 "(Ctrl-C again to leave it)")
         try:
             runs.stop_run(run_dir)
             st = runs.follow(run_dir, bar.update)
@@ -193,14 +200,59 @@ def cmd_runs(a) -> int:
 
 
 def cmd_stop(a) -> int:
+    """Graceful by default: waits for the step in progress and the save, as long as the run's own
+    measured times say, and kills only when asked (--kill, or --wait SECONDS)."""
     from studio import runs
 
     d = Path(a.run_dir)
-    if not (d / runs.CONFIG).is_file():
+    if not runs.RunDir(d).config.is_file():
         raise ConfigError(f"{d} is not a run folder (no {runs.CONFIG})")
-    st = runs.stop_run(d, timeout=a.wait or None)
+    if a.wait is not None and not a.wait >= 0:
+        raise UsageError(f"--wait must be a number of seconds >= 0, got {a.wait:g}")
+    st = runs.read_status(d)
+    if st["state"] not in runs.ACTIVE_STATES or not st["alive"]:
+        print(f"{d.name}: {st['state']} at step {st.get('step')} (not running; nothing to stop)")
+        return 0
+    if a.kill and not a.wait:
+        st = runs.stop_run(d, kill=True)
+        print(f"{d.name}: killed at step {st.get('step')}; {st.get('error')}")
+        return 0
+    if a.wait == 0:
+        st = runs.stop_run(d)
+        est = runs.stop_estimate(st)
+        print(f"{d.name}: stop asked at step {st.get('step')}; it ends after the step in progress and its save, "
+              f"about {est['expected_s']:.0f} s ({_stop_parts(est)}); follow it with `studio runs`")
+        return 0
+
+    def say(est: dict) -> None:
+        then = (f"it is killed if it has not stopped after {a.wait:g} s" if a.wait else
+                "it is never killed: Ctrl-C stops waiting, `studio stop RUN --kill` ends it at once")
+        print(f"stopping {d.name} at step {st.get('step')}: waiting for the step in progress and the save, "
+              f"about {est['expected_s']:.0f} s ({_stop_parts(est)}); {then}", file=sys.stderr, flush=True)
+
+    try:
+        st = runs.stop_run(d, timeout=a.wait, wait=True, on_wait=say)
+    except KeyboardInterrupt:
+        print(f"{d.name}: stopped waiting; the run still stops by itself after its step and save", file=sys.stderr)
+        return 130
+    if st["state"] in runs.ACTIVE_STATES and st["alive"]:
+        waited = runs.stop_budget(runs.stop_estimate(st)["expected_s"])
+        print(f"{d.name}: still {st['state']} after about {waited:.0f} s, longer than its own step and save times "
+              f"say; it ends by itself. Wait again with `studio stop {d}`, or end it now with "
+              f"`studio stop {d} --kill` (loses the step in progress)", file=sys.stderr)
+        return 1
     print(f"{d.name}: {st['state']} at step {st.get('step')}")
     return 0
+
+
+def _stop_parts(est: dict) -> str:
+    """What a stop waits for, in words: the measured (or guessed) parts of stop_estimate."""
+    parts = [f"a step ~{est['step_s']:.1f} s" if est["measured"] else "no step measured yet"]
+    if est.get("eval_s"):
+        parts.append(f"an evaluation ~{est['eval_s']:.1f} s")
+    parts.append(f"checkpoint save ~{est['save_s']:.1f} s")
+    parts.append(f"adapter save ~{est['adapter_save_s']:.1f} s")
+    return ", ".join(parts)
 
 
 # --- merge ---------------------------------------------------------------------------------
