@@ -1,4 +1,4 @@
-"""The Data tab's token view (studio.data.preview): what it shows is what build_datasets trains on."""
+"""The Data tab's token view (studio.data.token_view): what it shows is what build_datasets trains on."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 from studio.config import RunConfig
 from studio.data import IGNORE, build_datasets, list_builtin
-from studio.data.preview import PAD, end_of_turn_id, token_preview
+from studio.data.token_view import PAD, end_of_turn_id, token_preview
 from studio.models.registry import byte_tokenizer
 
 # ChatML as SmolLM2 writes it, default system prompt included, on the byte tokenizer with
