@@ -301,7 +301,7 @@ def test_cli_run_json_keys_and_default_out(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert {"out", "quant", "bytes", "seconds", "peak_rss_mb", "verify", "modelfile"} <= set(d)
     assert {"tokenizer_ok", "agreement", "max_abs_logit_diff"} <= set(d["verify"])
-    assert Path(d["out"]).parent.parent == run and Path(d["out"]).name == "run-1-f16.gguf"
+    assert Path(d["out"]) == run / "exports" / "run-1-f16.gguf"
     assert Path(d["out"]).stat().st_size == d["bytes"] and d["quant"] == "f16"
     modelfile = Path(d["modelfile"]).read_text()
     assert "FROM ./run-1-f16.gguf" in modelfile and 'PARAMETER stop "</s>"' in modelfile

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     g.add_argument("run_dir", nargs="?", help="a run folder with a final adapter")
     g.add_argument("--base", help="base model folder (with --adapter, instead of a run)")
     g.add_argument("--adapter", help="PEFT adapter folder (with --base)")
-    g.add_argument("--out", help="output .gguf file (default RUN_DIR/gguf/<run>-<quant>.gguf; required with --base)")
+    g.add_argument("--out", help="output .gguf file (default RUN_DIR/exports/<run>-<quant>.gguf; required with --base)")
     g.add_argument("--quant", default="f16", metavar="TYPE",
                    help="f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0 or f32; 1-D tensors stay f32")
     g.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")

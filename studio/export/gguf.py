@@ -60,7 +60,6 @@ ARCHS = {
 # Buffers transformers keeps in some checkpoints that llama.cpp recomputes.
 _SKIP_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 _CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
-DEFAULT_DIR = "gguf"   # RUN_DIR/gguf/<run-id>-<quant>.gguf (+ Modelfile)
 MODELFILE = "Modelfile"
 
 
@@ -95,23 +94,24 @@ class GgufReport:
 
 def export_run(run_dir, out=None, *, quant: str = "f16", ollama: bool = False, adapter_only: bool = False,
                progress: Progress | None = None) -> GgufReport:
-    """Export a run's final adapter (RUN_DIR/adapter) with its base model; default out RUN_DIR/gguf/."""
+    """Export a run's final adapter with its base model; default out RUN_DIR/exports/<run>-<quant>.gguf."""
+    from studio.adapters import file as adapter_file
     from studio.config import load_config
-    from studio.export.merge import _run_state
     from studio.models.registry import model_dir
+    from studio.runs.rundir import RunDir
 
-    run_dir = Path(run_dir)
-    adapter = run_dir / "adapter"
-    cfg = load_config(run_dir / "config.yaml")
-    if not (adapter / "adapter_config.json").is_file():
-        raise ExportError(f"{run_dir} has no final adapter yet (adapter/adapter_config.json missing; run state: "
-                          f"{_run_state(run_dir)}); export a run after it completed or was stopped")
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config)
+    if not adapter_file.present(rd.adapter):
+        state = rd.status().get("state", "unknown")
+        raise ExportError(f"{rd.path} has no final adapter yet (adapter/{adapter_file.CONFIG_NAME} missing; run state: "
+                          f"{state}); export a run after it completed or was stopped")
     if out is None:
-        (run_dir / DEFAULT_DIR).mkdir(exist_ok=True)
-        out = run_dir / DEFAULT_DIR / f"{run_dir.name}-{'lora-' if adapter_only else ''}{quant}.gguf"
+        rd.exports.mkdir(exist_ok=True)
+        out = rd.exports / f"{rd.id}-{'lora-' if adapter_only else ''}{quant}.gguf"
     base = model_dir(cfg.model.name_or_path, trust_remote_code=False)
-    return export_gguf(base, adapter, out, quant=quant, ollama=ollama, adapter_only=adapter_only,
-                       progress=progress, name=run_dir.name)
+    return export_gguf(base, rd.adapter, out, quant=quant, ollama=ollama, adapter_only=adapter_only,
+                       progress=progress, name=rd.id)
 
 
 def export_gguf(base_dir, adapter_dir, out, *, quant: str = "f16", ollama: bool = False,
