@@ -127,7 +127,9 @@ def main() -> None:
         folder = args.keep or Path(tmpdir)
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        built = run_child("build", folder, args.layers)
+        done = folder / "built.json"  # --keep: a second run reuses the inputs
+        built = json.loads(done.read_text()) if done.is_file() else run_child("build", folder, args.layers)
+        done.write_text(json.dumps(built))
         base, adapter, size, n_shards = built["base"], built["adapter"], built["size"], built["shards"]
         print(f"base: {size / 2**30:.2f} GiB bfloat16 in {n_shards} shards, built in {time.perf_counter() - t0:.0f} s")
         results = {}

@@ -57,6 +57,8 @@ ARCHS = {
     "Qwen3ForCausalLM": ("qwen3", False, False),
     "GPT2LMHeadModel": ("gpt2", False, True),
 }
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}  # a config without `architectures`
 # Buffers transformers keeps in some checkpoints that llama.cpp recomputes.
 _SKIP_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 _CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
@@ -132,7 +134,7 @@ def export_gguf(base_dir, adapter_dir, out, *, quant: str = "f16", ollama: bool 
         raise ExportError("--ollama needs a merged model; an Ollama Modelfile can take a LoRA GGUF only with its base GGUF")
     _check_out(out)
     cfg = _read_config(base_dir)
-    arch_cls = (cfg.get("architectures") or ["?"])[0]
+    arch_cls = (cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type"), f"model_type {cfg.get('model_type')!r}")])[0]
     if arch_cls not in ARCHS:
         raise ExportError(f"{base_dir}: architecture {arch_cls} cannot be exported to GGUF; supported: {', '.join(ARCHS)}")
     arch, permute_qk, conv1d = ARCHS[arch_cls]
