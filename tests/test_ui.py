@@ -418,3 +418,137 @@ def test_start_is_refused_with_the_cli_message_before_any_run_folder(tmp_path, c
     assert train_tab.phase_view(root, {**ok, "train.live": None})["train.train_start"]["interactive"] is True
     busy = train_tab.phase_view(root, {**ok, "train.live": {"run": None, "active": True}})
     assert train_tab.TRAINING in busy["train.start_reason"] and busy["train.train_start"]["interactive"] is False
+
+
+# --- the opening model, the token view, Evaluate ------------------------------------------------
+
+def _by_id(demo, elem_id):
+    return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+def test_the_studio_opens_on_smollm2_and_its_chat_dataset_and_tests_on_tiny_llama(tmp_path, monkeypatch):
+    from studio import models
+    from studio.config import starter_config
+    from studio.ui import app
+
+    monkeypatch.delenv(model_tab.OPENING_ENV, raising=False)
+    installed = models.smollm2_gguf() is not None
+    assert model_tab.opening_model() == ((models.SMOLLM2, "") if installed else model_tab.opening_model())
+    # building the page converts nothing (the tree loads with the page): cheap even for SmolLM2
+    demo = app.build_app(tmp_path, models.SMOLLM2)
+    smol = starter_config(models.SMOLLM2)
+    assert _by_id(demo, "model-select").value == models.SMOLLM2
+    assert _by_id(demo, "dataset-select").value.endswith("profile-json.jsonl")
+    assert _by_id(demo, "lora-r").value == smol.lora.r == 16
+    monkeypatch.setenv(model_tab.OPENING_ENV, "tiny-llama")
+    assert model_tab.opening_model() == ("tiny-llama", "")
+    demo = app.build_app(tmp_path)
+    assert _by_id(demo, "model-select").value == "tiny-llama"
+    assert _by_id(demo, "dataset-select").value == data_tab.default_dataset("causal_lm")
+    assert {"eval-run", "eval-data", "eval-start", "eval-table", "eval-examples", "dataset-tokens"} <= {
+        getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    # without the weights package: tiny-llama, and the note says how to get the real model
+    monkeypatch.delenv(model_tab.OPENING_ENV)
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: None)
+    ref, note = model_tab.opening_model()
+    assert ref == "tiny-llama" and models.SMOLLM2_PIP in note
+
+
+def _chat_dataset():
+    return next(d["path"] for d in __import__("studio.data", fromlist=["x"]).list_builtin()
+                if d["name"] == "profile-json")
+
+
+def test_token_view_marks_trained_tokens_and_follows_the_loaded_model():
+    v = {"data.dataset_select": _chat_dataset(), "data.data_format": "auto", "data.max_length": 512,
+         "data.packing": False, "data.train_on_prompt": False, "model.state": LLAMA}
+    out = data_tab.preview_view(v)
+    tokens = out["data.dataset_tokens"]
+    assert "data-trained='1'" in tokens and "data-kind='user'" in tokens and "How <b>tiny-llama</b>" in tokens
+    assert "tk-warn" not in tokens  # tiny-llama has a (plain) chat template and trains its EOS
+    assert "tiny-llama's tokenizer" in out["data.data_info"]
+    # another model, another tokenizer: the statistics and the tokens are its own (issue 17 bug 3)
+    mini = {"ref": "minilm-l6", "task": "causal_lm", "explore_only": False, "trust_remote_code": False}
+    other = data_tab.preview_view({**v, "model.state": mini})
+    assert "minilm-l6's tokenizer" in other["data.data_info"]
+    mean = lambda info: float(info.split("mean ")[1].split(",")[0])
+    assert mean(other["data.data_info"]) < mean(out["data.data_info"]) / 2  # WordPiece vs bytes
+    assert "no chat template" in other["data.dataset_tokens"]
+    # train_on_prompt: the prompt is trained too
+    assert "data-trained='0' data-kind='user'" not in data_tab.preview_view(
+        {**v, "data.train_on_prompt": True})["data.dataset_tokens"]
+
+
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory):
+    """A runs folder with one tiny-llama chat run trained for a few steps, and a run with no adapter."""
+    import contextlib
+    import io
+
+    from studio.config import RunConfig
+    from studio.runs import trainer
+
+    root = tmp_path_factory.mktemp("uieval")
+    words = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon"]
+    rows = [{"messages": [{"role": "user", "content": f"Spell {w} backwards."},
+                          {"role": "assistant", "content": w[::-1]}]} for w in words * 3]
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig.from_dict({
+        "model": {"name_or_path": "tiny-llama"},
+        "data": {"path": str(data), "eval_fraction": 0.25, "max_length": 64, "packing": False},
+        "lora": {"target_modules": "all-linear", "r": 8, "lora_alpha": 16},
+        "train": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 2e-2, "warmup_ratio": 0.0,
+                  "eval_steps": 100, "save_steps": 100, "seed": 3}})
+    run = root / "chat-run"
+    run.mkdir()
+    cfg.save(run / "config.yaml")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert trainer.train(run, False, trainer.Reporter(run, True)) == "completed"
+    bare = root / "no-adapter"
+    bare.mkdir()
+    cfg.save(bare / "config.yaml")
+    (bare / "status.json").write_text(json.dumps({"state": "failed", "step": 0, "max_steps": 3}))
+    return root
+
+
+def test_evaluate_tab_shows_metrics_examples_and_brings_saved_results_back(eval_root):
+    from studio import evaluate as ev
+    from studio.ui.tabs import evaluate as eval_tab
+
+    assert "chat-run" in eval_tab.usable_runs(eval_root) and "no-adapter" not in eval_tab.usable_runs(eval_root)
+    seen = []
+    v = {"evaluate.run": "chat-run", "evaluate.data": eval_tab.HELDOUT, "evaluate.limit": None,
+         "evaluate.max_new_tokens": 8}
+    out = eval_tab.run_eval(eval_root, v, progress=lambda f, desc="": seen.append((f, desc)))
+    saved = ev.read_eval(eval_root / "chat-run", ev.HELDOUT)
+    assert "saved as eval/heldout.json" in out["evaluate.message"] and out["evaluate.saved"]["value"] == "heldout"
+    assert seen and seen[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in seen)
+    table = out["evaluate.table"]
+    for key in ("exact_match", "rouge_l", "loss"):
+        assert f"data-metric='{key}'" in table
+    assert f"<td class='ev-tuned'>{saved['metrics']['tuned']['loss']:.4f}</td>" in table
+    # one row per example, a match marked where the engine found one
+    examples = out["evaluate.examples"]
+    assert examples.count("<tr>") == saved["n"] + 1 == 6 + 1
+    assert examples.count("data-match='1'") == sum(e["base_match"] + e["tuned_match"] for e in saved["examples"])
+    # picked again later: the saved result comes back as it was
+    again = eval_tab.show_saved(eval_root, "chat-run", None)
+    assert again["evaluate.table"] == table and again["evaluate.examples"] == examples
+
+
+def test_evaluate_tab_says_what_is_wrong_next_to_the_button(eval_root, tmp_path):
+    from studio.ui.tabs import evaluate as eval_tab
+
+    v = {"evaluate.run": "no-adapter", "evaluate.data": eval_tab.HELDOUT, "evaluate.limit": None,
+         "evaluate.max_new_tokens": 8}
+    out = eval_tab.run_eval(eval_root, v)
+    assert set(out) == {"evaluate.message"} and "has no adapter to evaluate" in out["evaluate.message"]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    out = eval_tab.run_eval(eval_root, {**v, "evaluate.run": "chat-run", "evaluate.data": str(answers)})
+    assert "class='bad'" in out["evaluate.message"] and "no usable prompts" in out["evaluate.message"]
+    out = eval_tab.run_eval(eval_root, {**v, "evaluate.run": "chat-run", "evaluate.limit": 0})
+    assert "must be an integer &gt;= 1" in out["evaluate.message"]
+    assert "pick a run" in eval_tab.run_eval(eval_root, {**v, "evaluate.run": None})["evaluate.message"]
+    assert not (eval_root / "chat-run" / "eval" / "answers.json").exists()

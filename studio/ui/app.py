@@ -18,11 +18,13 @@ from starlette.middleware import Middleware
 
 from studio import _compat
 from studio import runs
+from studio.config import starter_config
 from studio.ui import live
 from studio.ui.login_wall import LoginWall
 from studio.ui.registry import Registry
 from studio.ui.tabs import analysis as analysis_tab
 from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import evaluate as evaluate_tab
 from studio.ui.tabs import export as export_tab
 from studio.ui.tabs import model as model_tab
 from studio.ui.tabs import playground as playground_tab
@@ -45,28 +47,43 @@ CSS = """
 .pbar-text { font-size: 12px; color: var(--body-text-color-subdued); }
 .mr th { text-align: left; padding-right: 12px; white-space: nowrap; }
 #start-reason { color: #b45309; }
+.tk-seq { margin: 8px 0; padding: 6px 8px; border: 1px solid var(--border-color-primary); border-radius: 6px; }
+.tk-head, .tk-note { font-size: 12px; color: var(--body-text-color-subdued); }
+.tk-body { font-family: var(--font-mono); font-size: 12px; white-space: pre-wrap; word-break: break-all; line-height: 1.7; }
+.tk { border-radius: 3px; padding: 0 1px; }
+.tk-on { background: #bbf7d0; color: #14532d; } .tk-user { color: #6b7280; } .tk-system { color: #7c3aed; background: #f5f3ff; }
+.tk-sp { color: #6b7280; border: 1px dashed #9ca3af; } .tk-sp-on { border: 1px solid #15803d; font-weight: 600; }
+.tk-pad { color: #9ca3af; background: #f3f4f6; font-style: italic; }
+.tk-warn { color: #b45309; background: #fffbeb; padding: 6px 8px; border-radius: 6px; margin: 4px 0; }
+.ev-table td, .ev-table th { padding: 2px 14px 2px 0; text-align: left; } .ev-up { color: #15803d; } .ev-down { color: #b91c1c; }
+.ev-examples { font-size: 12px; } .ev-examples td { vertical-align: top; white-space: pre-wrap; padding: 3px 6px; }
+.ev-hit { background: #dcfce7; } .ev-head { font-weight: 600; margin-bottom: 4px; }
 """
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
 LIGHT = dict(concurrency_limit=None)
 
 
-def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
+def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = None) -> gr.Blocks:
+    """The app, opening on `model` (default: model_tab.opening_model(): SmolLM2 and its chat dataset)."""
     root = runs.runs_dir(runs_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    ref, note = model_tab.opening_model(model)
+    start = starter_config(ref)
     ui = Registry()
     with gr.Blocks(title="LoRA Studio", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown("## LoRA Studio\nPick a model, tick the modules that get LoRA adapters, train in the "
                     "background, merge and download. Everything here is also a `studio` command.")
         with gr.Tabs():
             with gr.Tab("Model", id="tab-model"):
-                model_tab.build(ui)
+                model_tab.build(ui, ref, note)
             with gr.Tab("Data", id="tab-data"):
-                data_tab.build(ui, root)
+                data_tab.build(ui, root, start.data)
             with gr.Tab("Train", id="tab-train"):
-                train_tab.build(ui)
+                train_tab.build(ui, ref)
             # These tabs' build functions return their components; registered here by attribute name.
             for tab, label, build in (("runs", "Runs", runs_tab.build), ("export", "Export", export_tab.build),
                                       ("playground", "Playground", playground_tab.build),
+                                      ("evaluate", "Evaluate", evaluate_tab.build),
                                       ("analysis", "Analysis", analysis_tab.build)):
                 with gr.Tab(label, id=f"tab-{tab}") as el:
                     ui.add(tab, tab=el, **vars(build(root)))
@@ -76,6 +93,7 @@ def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
         _wire_runs(ui, root)
         _wire_export(ui, root)
         _wire_playground(ui, root)
+        _wire_evaluate(ui, root)
         _wire_analysis(ui, root)
         load = ui.on(demo.load, _on_page_load(root), ["model.state"],
                      ["model.module_tree", "model.target_types", "model.summary", "model.state", "train.live"],
@@ -87,8 +105,9 @@ def build_app(runs_dir: str | os.PathLike | None = None) -> gr.Blocks:
 
 
 COUNT_OUT = ("model.param_count", "model.param_chart")
-PREVIEW_IN = ("data.dataset_select", "data.data_format", "data.max_length", "model.state")
-PREVIEW_OUT = ("data.dataset_preview", "data.data_info")
+PREVIEW_IN = ("data.dataset_select", "data.data_format", "data.max_length", "data.packing", "data.train_on_prompt",
+              "model.state")
+PREVIEW_OUT = ("data.dataset_preview", "data.data_info", "data.dataset_tokens")
 LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.state")
 
 
@@ -118,7 +137,10 @@ def _wire_model(ui: Registry, root: Path):
     pick_in = ["model.model_select", "model.trust_remote_code"]
     for event, extra in ((ui["model.model_load"].click, dict(api_name="load_model")),
                          (ui["model.model_select"].select, {})):
-        _recount_on(ui, root, ui.on(event, pick_model, pick_in, LOAD_OUT + train_tab.SETTINGS_FORM, **extra, **LIGHT).then)
+        picked = ui.on(event, pick_model, pick_in, LOAD_OUT + train_tab.SETTINGS_FORM, **extra, **LIGHT)
+        _recount_on(ui, root, picked.then)
+        # Token statistics and the token view belong to the model's tokenizer: redo them for the new one.
+        ui.on(picked.then, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT)
     _recount_on(ui, root, ui.on(ui["model.task"].input, pick_task, pick_in + ["model.task"], LOAD_OUT, **LIGHT).then)
     # Ticking it explains it; the model loads with it on the next Load (nothing runs on a tick).
     ui.on(ui["model.trust_remote_code"].change, model_tab.trust_changed, ["model.trust_remote_code"],
@@ -143,9 +165,9 @@ def _recount_on(ui: Registry, root: Path, event):
 # --- data ----------------------------------------------------------------------------------
 
 def _wire_data(ui: Registry, root: Path):
-    for name in ("data.dataset_select", "data.data_format", "data.max_length"):
+    for name in ("data.dataset_select", "data.data_format", "data.max_length", "data.packing", "data.train_on_prompt"):
         _gate(ui, root, ui.on(ui[name].change, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT).then)
-    for name in ("data.eval_fraction", "data.packing", "data.train_on_prompt"):
+    for name in ("data.eval_fraction",):
         _gate(ui, root, ui[name].change)
 
     def uploaded(v):
@@ -274,6 +296,26 @@ def _wire_playground(ui: Registry, root: Path):
           ["playground.eval_text", "playground.eval_rows"], api_name="evaluate", **slot)
 
 
+# --- evaluate ------------------------------------------------------------------------------
+
+def _wire_evaluate(ui: Registry, root: Path):
+    def refresh(v):
+        ids, current = playground_tab.usable_runs(root), v["evaluate.run"]
+        return {"evaluate.run": gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None)),
+                "evaluate.data": gr.update(choices=evaluate_tab.data_choices(root))}
+
+    ui.on(ui["evaluate.tab"].select, refresh, ["evaluate.run"], ["evaluate.run", "evaluate.data"], **LIGHT)
+    shown = ["evaluate.saved", "evaluate.table", "evaluate.examples", "evaluate.message"]
+    # A run picked again shows its newest saved result; another saved one is picked by name.
+    ui.on(ui["evaluate.run"].change, lambda v: evaluate_tab.show_saved(root, v["evaluate.run"], None),
+          ["evaluate.run"], shown, **LIGHT)
+    ui.on(ui["evaluate.saved"].input, lambda v: evaluate_tab.show_saved(root, v["evaluate.run"], v["evaluate.saved"]),
+          ["evaluate.run", "evaluate.saved"], shown, **LIGHT)
+    ui.on(ui["evaluate.start"].click, functools.partial(evaluate_tab.run_eval, root),
+          ["evaluate.run", "evaluate.data", "evaluate.limit", "evaluate.max_new_tokens"], shown,
+          api_name="evaluate_run", **HEAVY)
+
+
 # --- analysis ------------------------------------------------------------------------------
 
 def _wire_analysis(ui: Registry, root: Path):
@@ -347,8 +389,23 @@ def calm_queue(demo: gr.Blocks) -> bool:
     return True
 
 
+def prepare_model(ref: str) -> None:
+    """Convert a GGUF-backed opening model before serving (tens of seconds, once), so the first
+    page does not wait on it in silence; a model that cannot be prepared is left to the page to explain."""
+    from studio import models
+    from studio.errors import StudioError
+
+    try:
+        if models.resolve(ref).kind in ("gguf",) or ref == models.SMOLLM2:
+            print(f"preparing {ref} (converted once, then cached) ...", file=sys.stderr, flush=True)
+            models.model_dir(ref)
+    except StudioError as e:
+        print(f"warning: {e}", file=sys.stderr)
+
+
 def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, runs_dir=None,
-           prevent_thread_lock: bool = False, quiet: bool = False):
+           prevent_thread_lock: bool = False, quiet: bool = False, model: str | None = None):
+    """Serve the studio; it opens on `model` (default: $STUDIO_UI_MODEL, else SmolLM2 with its dataset)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     quiet_libraries()
     creds = parse_auth(auth or os.environ.get("STUDIO_AUTH"))
@@ -362,7 +419,9 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, r
     # core with 20 tabs polling once a second. Read when the queue is made, below.
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**9))
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "100")
-    demo = build_app(root)
+    ref, _ = model_tab.opening_model(model)
+    prepare_model(ref)
+    demo = build_app(root, ref)
     demo.queue(default_concurrency_limit=4)
     calm_queue(demo)
     demo.launch(server_name=host, server_port=port, auth=creds, share=False, allowed_paths=[str(root)],

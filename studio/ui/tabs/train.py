@@ -184,8 +184,8 @@ def stop(root: Path, v: Mapping[str, Any]) -> None:
         raise gr.Error(str(e), print_exception=False) from None
 
 
-def build(ui: Registry) -> None:
-    t = starter_config(model_tab.DEFAULT_MODEL).train
+def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
+    t = starter_config(ref).train
     help_ = TRAIN_HELP
     c = {}
     with gr.Row():
