@@ -80,8 +80,7 @@ def _read(path: Path) -> dict:
     return {"order": list(dict.fromkeys(order)), "slots": dict(slots)}
 
 
-def manager_valid_id(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+manager_valid_id = manager.is_run_id  # the one run-id rule (studio.runs.rundir)
 
 
 def entries(root: str | os.PathLike | None = None) -> list[dict]:
