@@ -66,7 +66,7 @@ def _model(arch: str, precision: str = "fp32"):
 
 def _estimate(model, settings: LoraSettings, **kw):
     tree = build_tree(model, type(model).__name__)
-    return memory.estimate(tree, lora.count(tree, settings), settings, config=model.config, **kw)
+    return memory.estimate(tree, lora.count(tree, settings), settings, config=model.config, device="cpu", **kw)
 
 
 def _peft(model, settings: LoraSettings):
@@ -118,7 +118,7 @@ class _Held:
         self.owner.release(self.ptr)
 
 
-def measure_saved(pm, batch: int, seq: int, vocab: int, checkpointing: bool = False) -> int:
+def measure_saved(pm, batch: int, seq: int, vocab: int, checkpointing: bool = False, packed: bool = False) -> int:
     if checkpointing:
         # The reentrant form saves each block's inputs through autograd, so the hooks see them, and
         # recomputes the block inside backward under the same hooks: the peak includes that block.
@@ -127,8 +127,12 @@ def measure_saved(pm, batch: int, seq: int, vocab: int, checkpointing: bool = Fa
         pm.enable_input_require_grads()
     saved = SavedTensors(pm)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    kw = {}
+    if packed:  # two examples per block, as the packed collator sends them: a block-diagonal mask
+        kw = dict(position_ids=torch.cat([torch.arange(seq // 3), torch.arange(seq - seq // 3)]).repeat(batch, 1),
+                  use_cache=False)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-        loss = pm(input_ids=ids, labels=ids).loss
+        loss = pm(input_ids=ids, labels=ids, **kw).loss
         loss.backward()
     assert saved.live == 0  # every saved tensor was released: the bookkeeping saw them all
     return saved.peak
@@ -138,11 +142,11 @@ def measure_saved(pm, batch: int, seq: int, vocab: int, checkpointing: bool = Fa
 
 CASES = [
     dict(batch=2, seq=64, targets="all-linear"),
-    dict(batch=4, seq=96, targets="qv"),
-    dict(batch=1, seq=160, targets="all-linear", lora_dropout=0.1),
-    dict(batch=2, seq=64, targets="all-linear", precision="bf16"),
+    dict(batch=4, seq=96, targets="qv", packed=True),
+    dict(batch=1, seq=160, targets="all-linear", lora_dropout=0.1, packed=True),
+    dict(batch=2, seq=64, targets="all-linear", precision="bf16", packed=True),
     dict(batch=3, seq=128, targets="qv", checkpointing=True),
-    dict(batch=2, seq=96, targets="all-linear", checkpointing=True),
+    dict(batch=2, seq=96, targets="all-linear", checkpointing=True, packed=True),
 ]
 
 
@@ -154,10 +158,11 @@ def test_activations_match_what_autograd_saves(arch, case):
     targets = QV[arch] if c["targets"] == "qv" else "all-linear"
     s = LoraSettings(r=8, lora_alpha=16, target_modules=targets, lora_dropout=c.get("lora_dropout", 0.0))
     model = _model(arch, precision)
+    packed = c.get("packed", False)
     est = _estimate(model, s, batch=c["batch"], seq=c["seq"], precision=precision,
-                    gradient_checkpointing=c.get("checkpointing", False))
+                    gradient_checkpointing=c.get("checkpointing", False), attention_mask=packed)
     measured = measure_saved(_peft(model, s), c["batch"], c["seq"], model.config.vocab_size,
-                             c.get("checkpointing", False))
+                             c.get("checkpointing", False), packed)
     tolerance = 0.35 if c.get("checkpointing") else 0.20
     assert abs(est.activations_bytes - measured) <= tolerance * measured, (arch, c, est.activations_bytes, measured)
 

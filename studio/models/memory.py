@@ -21,7 +21,9 @@ What each figure means:
   back to the math path and keeps three (batch, heads, seq, seq) tensors), the MLP's
   activation inputs and outputs, dropout masks, each adapted module's input (a fp32 copy per
   module when the base is bf16/fp16, since PEFT casts the input to the adapter's dtype) and its
-  rank-r intermediate, and the fp32 log-softmax of the vocabulary the loss keeps. Frozen layers
+  rank-r intermediate, and the fp32 log-softmax of the vocabulary the loss keeps. With an
+  attention mask (the trainer's packed or padded batches) k and v are repeated for every query
+  head and SDPA keeps a copy of the mask per layer. Frozen layers
   before the first adapted one save nothing. With gradient checkpointing only each layer's input
   is kept, plus one layer recomputed during backward.
 """
@@ -141,7 +143,7 @@ def shapes(tree, config=None) -> _Shapes:
                                           default=0.0) or 0.0),
                 resid_dropout=resid_p, resid_sites=2,
                 rotary=_first(cfg, "rope_theta", "rope_parameters", "rotary_dim", "partial_rotary_factor") is not None,
-                causal_lm=tree.task == "causal_lm", quantizable=quantizable, quantizable_bias=qbias)
+                causal_lm=tree.task == "causal_lm" and tree.output_embedding is not None, quantizable=quantizable, quantizable_bias=qbias)
     _CACHE[id(tree)] = (weakref.ref(tree), s)
     return s
 
@@ -178,16 +180,26 @@ def check_options(batch: int, seq: int, quant: str, precision: str, optimizer: s
 
 def estimate(tree, count, settings: LoraSettings, *, batch: int, seq: int, quant: str = "none",
              precision: str = "fp32", gradient_checkpointing: bool = False, optimizer: str = "adamw",
-             device: str = "cpu", config=None) -> MemoryEstimate:
-    """Training memory for `settings` on the model of `tree` (`count` is `lora.count` of the same)."""
+             device: str | None = None, attention_mask: bool = True, config=None) -> MemoryEstimate:
+    """Training memory for `settings` on the model of `tree` (`count` is `lora.count` of the same).
+
+    `attention_mask`: the batches carry a mask, as the trainer's do (packed blocks get a
+    block-diagonal one from their position_ids, unpacked ones a padding mask); without one SDPA
+    runs causal without a mask, shares k and v across query heads (GQA) and saves no mask.
+    `device`: cpu or cuda, where the trainer will run (default: cuda when this machine has one).
+    """
+    if device is None:
+        device = _default_device()
     check_options(batch, seq, quant, precision, optimizer, device)
     s = shapes(tree, config)
     e = _BYTES[precision]
     notes = [f"base weights {precision}" + ("" if quant == "none" else f", Linear layers {quant} (bitsandbytes"
-                                                                       + (" NF4, double quant)" if quant == "4bit" else " LLM.int8)")),
+                                                                       + (" NF4, double quant)" if quant == "4bit" else " LLM.int8)")
+                                                                       + f"; embeddings, norms and the output head {precision}"),
              f"micro-batch {batch} x {seq} tokens, {precision} compute"
              + (", gradient checkpointing" if gradient_checkpointing else ""),
-             f"attention: SDPA on {device}" + (" (math path: attention dropout > 0)" if _math_attention(s, device) else "")]
+             f"attention: SDPA on {device}" + (" (math path: attention dropout > 0)" if _math_attention(s, device) else "")
+             + (", with an attention mask (packing or padding)" if attention_mask else ", causal without a mask")]
 
     weights = _weights(tree, s, quant, e)
     lora_n, full_n = _trainable_split(count)
@@ -198,13 +210,19 @@ def estimate(tree, count, settings: LoraSettings, *, batch: int, seq: int, quant
     notes.append(f"trainable: {lora_n:,} LoRA values fp32" + (f", {full_n:,} full values {precision}" if full_n else ""))
     notes.append("optimizer: AdamW, two moments per trainable value" if optimizer == "adamw"
                  else "optimizer: bitsandbytes 8-bit AdamW (32-bit state for tensors under 4,096 values)")
-    acts = _activations(tree, count, settings, s, batch, seq, e, gradient_checkpointing, device)
+    acts = _activations(tree, count, settings, s, batch, seq, e, gradient_checkpointing, device, attention_mask)
     notes.append("activations: tensors autograd saves for backward at its peak, fp32 log-softmax over the vocabulary"
                  if s.causal_lm else "activations: tensors autograd saves for backward at its peak")
     notes.append("not included: the CUDA context and allocator slack, gradients of activations during backward")
     total = weights + 2 * trainable + optim + acts
     return MemoryEstimate(weights_bytes=weights, trainable_bytes=trainable, gradients_bytes=trainable,
                           optimizer_bytes=optim, activations_bytes=acts, total_bytes=total, assumptions=notes)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --- weights and trainable state --------------------------------------------------------------
@@ -319,7 +337,7 @@ def _math_attention(s: _Shapes, device: str) -> bool:
 
 
 def _activations(tree, count, settings: LoraSettings, s: _Shapes, batch: int, seq: int, e: int,
-                 checkpointing: bool, device: str) -> int:
+                 checkpointing: bool, device: str, masked: bool) -> int:
     t = batch * seq
     h, d = s.hidden, s.head_dim
     layout = _layout(tree, s, count, settings)
@@ -337,6 +355,10 @@ def _activations(tree, count, settings: LoraSettings, s: _Shapes, batch: int, se
     if _math_attention(s, device):
         # the math path upcasts bf16/fp16 to fp32: q, k, v and the softmax, its mask and its output
         attn = 3 * t * s.heads * d * 4 + 3 * batch * s.heads * seq * seq * 4
+    elif masked:
+        # With a mask transformers repeats k and v for every query head (no GQA in SDPA), and
+        # SDPA keeps its own copy of the (batch, 1, seq, seq) mask in the compute dtype per layer.
+        attn = 4 * t * s.heads * d * e + batch * s.heads * seq * 4 + batch * seq * seq * e
     else:
         attn = t * (2 * s.heads + 2 * s.kv_heads) * d * e + batch * s.heads * seq * 4
     mlp = s.act_saves * t * s.intermediate * e
@@ -382,7 +404,7 @@ def _activations(tree, count, settings: LoraSettings, s: _Shapes, batch: int, se
     if active:
         head += norm_in  # the final norm's input
         if s.rotary:
-            head += 2 * seq * d * e  # cos and sin, shared by all layers
+            head += 2 * (t if masked else seq) * d * e  # cos and sin (per row with position_ids), shared by all layers
     if not checkpointing or not layer_total:
         return sum(layer_total) + head
     kept = active * t * h * e  # each block's input, kept to recompute it during backward
