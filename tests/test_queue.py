@@ -168,3 +168,21 @@ def test_a_queue_file_edited_into_nonsense_is_refused_by_name(root, dataset):
         with pytest.raises(RunError):
             queue.enqueue(config(dataset), root)
         assert not [d for d in root.iterdir() if d.name != queue.QUEUE_DIR]  # nothing half-queued
+
+
+def test_start_while_a_run_trains_queues_and_stop_takes_a_waiting_run_out(root, dataset, tmp_path, capsys):
+    first, pos = queue.submit(config(dataset, max_steps=100_000), root)
+    assert pos is None and runs.read_status(first)["alive"]  # nothing trained: it started at once
+    second, pos = queue.submit(config(dataset, seed=7), root)
+    assert pos == 1 and runs.read_status(second)["state"] == "queued"
+    from studio import cli
+
+    cfg = tmp_path / "third.yaml"
+    config(dataset, seed=8).save(cfg)
+    assert cli.main(["train", str(cfg), "--queue", "--runs-dir", str(root)]) == 0
+    captured = capsys.readouterr()
+    third = Path(captured.out.strip())
+    assert "queued at position 2" in captured.err and queue.position(root, third.name) == 2
+    st = runs.stop_run(second)  # Stop on a queued run: out of the queue, never started
+    assert st["state"] == "stopped" and queue.position(root, third.name) == 1 and _starts(second) == 0
+    runs.stop_run(first)

@@ -126,7 +126,7 @@ def test_start_is_refused_while_another_run_is_active(tmp_path):
     active = runs.create_run(cfg(), tmp_path)
     set_status(active, state="running", step=4, **me())
     assert runs.active_run(tmp_path) == active
-    with pytest.raises(runs.RunError, match=rf"run {active.name} in .* is running \(step 4 of 10\); stop it first"):
+    with pytest.raises(runs.RunError, match=rf"run {active.name} in .* is running \(step 4 of 10\); .*stop it first"):
         runs.start_run(cfg(), tmp_path)
     assert len(list(tmp_path.glob("2*"))) == 1, "nothing was created"
     with pytest.raises(runs.RunError, match="stop it before deleting"):

@@ -24,6 +24,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--nproc", type=int, default=1, help="processes (DDP under accelerate launch)")
     t.add_argument("--accelerate-config", default=None, help="an accelerate config file (multi-GPU, FSDP, DeepSpeed)")
     t.add_argument("--detach", action="store_true", help="start the run and return; follow it with `studio runs`")
+    t.add_argument("--queue", action="store_true",
+                   help="if a run is training, queue this one behind it (it starts when the slot is free) and return")
 
     r = sub.add_parser("runs", help="list runs with state, step and last loss")
     r.add_argument("--runs-dir", default=None)
@@ -103,7 +105,19 @@ def cmd_train(a) -> int:
         root = runs.runs_dir(a.runs_dir)
         check_runs_folder(root)
         try:
-            run_dir = runs.start_run(cfg, root, nproc=a.nproc, accelerate_config=a.accelerate_config)
+            if a.queue:
+                from studio.runs import queue
+
+                if a.nproc != 1 or a.accelerate_config:
+                    raise ConfigError("--queue runs one process per slot; drop --nproc / --accelerate-config, "
+                                      "or start the run without --queue")
+                run_dir, pos = queue.submit(cfg, root)
+                if pos is not None:
+                    print(f"queued at position {pos}: {run_dir} (studio queue list)", file=sys.stderr)
+                    print(str(run_dir))
+                    return 0
+            else:
+                run_dir = runs.start_run(cfg, root, nproc=a.nproc, accelerate_config=a.accelerate_config)
         except OSError as e:  # a full disk or a read-only folder; cli.main prints it on one line
             raise OSError(e.errno, f"cannot write the runs folder {root}: {e.strerror or e}") from None
     else:

@@ -266,6 +266,11 @@ def stop_run(run_dir: str | os.PathLike, timeout: float | None = None, *, wait: 
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
     st = rd.status()
+    if st["state"] == "queued" and not st["alive"]:
+        from studio.runs import queue
+
+        if queue.cancel(run_dir.parent, run_dir.name):  # waiting in the queue: it leaves it, never starts
+            return rd.status()
     if st["state"] not in ACTIVE_STATES or not st["alive"]:
         return st
     if kill and timeout is None:
@@ -395,12 +400,17 @@ def _signal_run(run_dir: Path, sig: int) -> None:
             os.kill(int(st["pid"]), sig)
 
 
+class RunActiveError(RunError):
+    """Another run of the runs folder is training (the queue takes the new run instead)."""
+
+
 def _refuse_if_active(root: Path) -> None:
     active = active_run(root)
     if active is not None:
         st = RunDir(active).status()
-        raise RunError(f"run {active.name} in {root} is {st['state']} (step {st.get('step', 0)} of "
-                       f"{st.get('max_steps')}); stop it first (studio stop {active}) or use another runs folder")
+        raise RunActiveError(f"run {active.name} in {root} is {st['state']} (step {st.get('step', 0)} of "
+                             f"{st.get('max_steps')}); queue this one behind it (studio train CONFIG --queue), "
+                             f"stop it first (studio stop {active}) or use another runs folder")
 
 
 @contextlib.contextmanager

@@ -122,6 +122,21 @@ def enqueue(cfg, root: str | os.PathLike | None = None, run_id: str | None = Non
     return run_dir
 
 
+def submit(cfg, root: str | os.PathLike | None = None) -> tuple[Path, int | None]:
+    """Start `cfg` now when nothing trains and nothing waits, else queue it behind the others.
+
+    Returns the run folder and its queue position (None when it started at once). The caller has
+    run preflight. Two callers at the same moment: one starts, the other is queued, each once."""
+    root = manager.runs_dir(root)
+    if manager.active_run(root) is None and not _read(root / QUEUE_DIR / QUEUE_FILE)["order"]:
+        try:
+            return manager.start_run(cfg, root), None
+        except manager.RunActiveError:
+            pass  # another Start won the race: this one waits its turn
+    run_dir = enqueue(cfg, root)
+    return run_dir, position(root, run_dir.name)
+
+
 def cancel(root: str | os.PathLike | None, run_id: str) -> bool:
     """Take a waiting run out of the queue (it ends `stopped` at step 0); False if it was not waiting."""
     root = manager.runs_dir(root)
