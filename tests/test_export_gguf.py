@@ -11,7 +11,6 @@ rule, so the merges, the pre-tokenizer name and the ChatML end-of-turn token are
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -147,11 +146,13 @@ def test_f32_round_trip_is_the_peft_merge(tmp_path, cases, arch):
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no partial left beside it
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "qwen3"])
-@pytest.mark.parametrize("quant", [q for q in QUANTS if q != "f32"])
+# f16 and q8_0 on every architecture in make test-fast; the rest of the matrix is marked slow (make test)
+MATRIX = [pytest.param(a, q, marks=() if q in ("f16", "q8_0") else pytest.mark.slow)
+          for a in ("llama", "gpt2", "qwen2", "qwen3") for q in QUANTS if q != "f32"]
+
+
+@pytest.mark.parametrize(("arch", "quant"), MATRIX)
 def test_every_quant_type_loads_back_and_agrees(tmp_path, cases, arch, quant):
-    if arch != "llama" and quant not in ("f16", "q8_0") and not os.environ.get("STUDIO_SLOW"):
-        pytest.skip("the full quant matrix for every architecture runs with STUDIO_SLOW=1")
     base, adapter = cases(arch)
     out = tmp_path / "m.gguf"
     rep = export_gguf(base, adapter, out, quant=quant)
