@@ -360,3 +360,35 @@ def test_export_merged_zip_and_bad_dtype(tmp_path):
         names = set(f.namelist())
         assert f.getinfo("merged/model.safetensors").compress_type == zipfile.ZIP_STORED
     assert {"merged/config.json", "merged/model.safetensors", "merged/merge_report.json"} <= names
+
+
+# --- verification at the saved precision ---------------------------------------------------------
+
+def test_a_bf16_merge_of_a_correct_adapter_verifies_and_a_tampered_one_does_not(tmp_path):
+    from studio.export.verify import verify_merge
+
+    targets = ["q_proj", "v_proj", "gate_proj"]
+    base, adapter, _, _ = make_case(tmp_path, tiny_llama(False), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                            init_lora_weights=False))
+    rep = merge(base, adapter, tmp_path / "bf16", dtype="bfloat16", verify=True)
+    # bf16 rounding moves the logits by itself; the merge is judged against a bf16 reference
+    assert rep.ok and rep.rounding_effect > 0 and rep.max_abs_logit_diff <= rep.tolerance
+    assert rep.max_abs_logit_diff < rep.rounding_effect / 10
+    weights = tmp_path / "bf16" / "model.safetensors"
+    tensors = load_file(weights)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key] + 0.05 * torch.randn_like(tensors[key].float()).to(tensors[key].dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    bad = verify_merge(tmp_path / "bf16", base, adapter, "CAUSAL_LM", saved_dtype=torch.bfloat16)
+    assert not bad["ok"] and bad["max_abs_logit_diff"] > bad["tolerance"]
+
+
+def test_auto_keeps_the_bases_own_dtype(tmp_path):
+    base, adapter, _, _ = make_case(tmp_path, tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                       init_lora_weights=False))
+    rep = merge(base, adapter, tmp_path / "auto", verify=True)
+    assert rep.dtype == "auto" and rep.ok and rep.rounding_effect < 1e-5  # float32: merging changes nothing
+    with safe_open(str(tmp_path / "auto" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    with safe_open(str(Path(base) / "model.safetensors"), "pt") as f:
+        assert dtypes == {f.get_slice(k).get_dtype() for k in f.keys()}

@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
     m.add_argument("--base", help="base model folder (with --adapter, instead of a run)")
     m.add_argument("--adapter", help="PEFT adapter folder (with --base)")
     m.add_argument("--out", help="output folder (default RUN_DIR/merged)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
+    m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: the base's own dtype")
     m.add_argument("--verify", action="store_true", help="compare logits of the merged model and base + adapter")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--json", action="store_true")
@@ -298,8 +298,12 @@ def cmd_merge(a) -> int:
     print(f"merged {d['tensors_merged']} tensors ({d['tensors_copied']} copied, {d.get('tensors_replaced', 0)} "
           f"replaced) into {d['out']} in {d['seconds']:.2f} s, peak RSS {d['peak_rss_mb']:.0f} MB")
     if d.get("max_abs_logit_diff") is not None:
-        print(f"verify: max |logits merged - base+adapter| = {d['max_abs_logit_diff']:.3g}; "
+        mark = "ok" if d.get("ok") else "FAILED"
+        print(f"verify {mark}: max |logits merged - reference at {d['dtype']}| = {d['max_abs_logit_diff']:.3g} "
+              f"(allowed {d['tolerance']:.3g}; rounding to the saved dtype alone moves them {d['rounding_effect']:.3g}); "
               f"differs from base: {d['differs_from_base']}")
+        if not d.get("ok"):
+            return 1
     return 0
 
 

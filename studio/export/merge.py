@@ -69,7 +69,14 @@ class MergeReport:
     task_type: str | None = None
     """The adapter's PEFT task_type (CAUSAL_LM, SEQ_CLS, ...)."""
     max_abs_logit_diff: float | None = None
-    """Verification: max |merged logits - base+adapter logits| on the sample inputs."""
+    """Verification: max |merged logits - reference logits| on the sample inputs; the reference is
+    PEFT's merge of the same base and adapter, rounded to the saved dtype."""
+    rounding_effect: float | None = None
+    """Verification: how far rounding to the saved dtype alone moves the logits (0 for float32)."""
+    tolerance: float | None = None
+    """Verification: the largest max_abs_logit_diff a correct merge gives at this precision."""
+    ok: bool | None = None
+    """Verification verdict: max_abs_logit_diff <= tolerance."""
     differs_from_base: bool | None = None
     """Verification: the merged model's logits move away from the base's by more than the merge error."""
     base_vs_merged_max_diff: float | None = None
@@ -81,7 +88,7 @@ class MergeReport:
         return asdict(self)
 
 
-def merge(base_dir, adapter_dir, out_dir, *, dtype: str = "float32", verify: bool = False,
+def merge(base_dir, adapter_dir, out_dir, *, dtype: str = "auto", verify: bool = False,
           overwrite: bool = False, progress: Progress | None = None,
           trust_remote_code: bool = False, id2label: dict | None = None) -> MergeReport:
     """Merge the PEFT LoRA adapter in `adapter_dir` into the model in `base_dir`, writing `out_dir`.
@@ -118,7 +125,8 @@ def merge(base_dir, adapter_dir, out_dir, *, dtype: str = "float32", verify: boo
                 progress(n, n, "verifying: base + adapter (PEFT) against the merged model")
             t1 = time.perf_counter()
             report.__dict__.update(verify_merge(tmp, base_dir, adapter_dir, plan.task_type,
-                                                num_labels=plan.num_labels, trust_remote_code=trust_remote_code))
+                                                num_labels=plan.num_labels, trust_remote_code=trust_remote_code,
+                                                saved_dtype=_saved_dtype(plan, OUT_DTYPES[dtype])))
             report.verify_seconds = round(time.perf_counter() - t1, 3)
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         _commit(tmp, out_dir)
@@ -128,7 +136,7 @@ def merge(base_dir, adapter_dir, out_dir, *, dtype: str = "float32", verify: boo
     return report
 
 
-def merge_run(run_dir, out=None, dtype: str = "float32", verify: bool = False, progress: Progress | None = None,
+def merge_run(run_dir, out=None, dtype: str = "auto", verify: bool = False, progress: Progress | None = None,
               *, overwrite: bool = False) -> MergeReport:
     """Merge a run's final adapter (RUN_DIR/adapter) into its base model; default out RUN_DIR/merged."""
     from studio.models.registry import model_dir  # the models layer resolves built-in names, folders and Hub ids
@@ -182,6 +190,12 @@ def _write_weights(plan: Plan, folder: Path, out_dtype: torch.dtype | None, prog
     if len(names) > 1:
         shards.write_index(folder, weight_map, total)
     return counts, peak, total
+
+
+def _saved_dtype(plan: Plan, want: torch.dtype | None) -> torch.dtype:
+    """The floating dtype the merged weights end up in (the base's own for 'auto')."""
+    floats = [e.dtype for e in plan.entries if e.dtype.is_floating_point]
+    return want or (max(set(floats), key=floats.count) if floats else torch.float32)
 
 
 def _out_dtype(base: torch.dtype, want: torch.dtype | None) -> torch.dtype:
