@@ -98,6 +98,7 @@ def test_phi_of_an_adapter_with_itself_is_one_on_the_diagonal(tmp_path):
     assert subspace_similarity(a, a, module="v_proj")["module"] == "model.layers.0.self_attn.v_proj"
 
 
+@pytest.mark.slow
 def test_phi_of_independent_random_subspaces_is_near_max_i_j_over_d(tmp_path):
     # E ||P_i P_j||_F^2 = i j / d for independent random subspaces, so E phi = max(i, j) / d.
     # One draw scatters (200 seeds: worst cell off by 0.065, grid mean off by up to 25%), so a
@@ -247,6 +248,7 @@ def test_amplification_errors(tmp_path):
         amplification(missing)
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_orientation(tmp_path):
     """GPT-2 stores Conv1D weights as in x out; PEFT's factors are still A: r x in, B: out x r.
 

@@ -126,6 +126,7 @@ def test_cli_refuses_with_one_line_and_exit_2(case, tmp_path, base_dir, capsys):
 
 # --- CLI, real processes ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_subprocesses_exit_2_with_one_line(tmp_path, base_dir):
     cases = [c for c in CASES if c.get("subprocess")]
     assert {c["use"] for c in cases} == {"dataset", "config", "model", "adapter"}

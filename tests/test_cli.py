@@ -35,6 +35,7 @@ def run(capsys):
     return call
 
 
+@pytest.mark.slow
 def test_count_json_has_the_contract_keys_and_equals_the_engine():
     from studio import lora
     from studio.config import LoraSettings
@@ -95,6 +96,7 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(run, args, needle):
     assert p.stdout == ""
 
 
+@pytest.mark.slow
 def test_folder_without_config_exits_2_from_the_console_script(tmp_path):
     p = studio("tree", "--model", str(tmp_path), check_rc=2)
     assert "has no config.json" in p.stderr and "Traceback" not in p.stderr

@@ -74,6 +74,7 @@ def pg(chat_run):
 
 # --- the held-out split and the result file ---------------------------------------------------
 
+@pytest.mark.slow
 def test_heldout_split_is_the_one_training_left_out(chat_run, pg):
     cfg = load_config(chat_run / "config.yaml")
     res = ev.evaluate(chat_run, max_new_tokens=4, batch_size=4)
@@ -95,6 +96,7 @@ def test_heldout_split_is_the_one_training_left_out(chat_run, pg):
     assert [e["name"] for e in ev.list_evals(chat_run)] == ["heldout"]
 
 
+@pytest.mark.slow
 def test_runs_json_lists_the_evals(chat_run):
     ev.evaluate(chat_run, max_new_tokens=2, limit=3)
     code, out, _ = _cli("runs", "--runs-dir", str(chat_run.parent), "--json")
@@ -106,6 +108,7 @@ def test_runs_json_lists_the_evals(chat_run):
 
 # --- metrics --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_metrics_equal_a_direct_computation(chat_run, pg, tmp_path):
     """References are half the base model's own greedy answers (from the playground's unbatched loop),
     so base exact match must be exactly 0.5; ROUGE-L and loss are recomputed example by example."""
@@ -143,6 +146,7 @@ def test_metrics_equal_a_direct_computation(chat_run, pg, tmp_path):
     assert res["metrics"]["tuned"]["loss"] != pytest.approx(res["metrics"]["base"]["loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_loss_counts_only_the_last_answer_of_a_conversation(pg):
     rows = _chat_rows(1)  # two turns
     (ids, labels), = encode_causal(pg.tokenizer, "messages", rows, ["x"])
@@ -166,6 +170,7 @@ def test_classification_metrics_match_sklearn():
     assert m["confusion_matrix"]["matrix"] == confusion_matrix(gold, pred, labels=labels).tolist()
 
 
+@pytest.mark.slow
 def test_classification_run(tmp_path):
     rows = [{"text": f"{w} film number {i}", "label": lab}
             for i in range(12) for w, lab in (("great", "positive"), ("awful", "negative"))]
@@ -196,6 +201,7 @@ def test_classification_run(tmp_path):
 
 # --- one model, left padding ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_base_and_tuned_come_from_one_loaded_model(chat_run, monkeypatch):
     loads, wraps = [], []
     real_load, real_wrap = playground.load_model, PeftModel.from_pretrained
@@ -215,6 +221,7 @@ def test_base_and_tuned_come_from_one_loaded_model(chat_run, monkeypatch):
     assert any(e["base"] != e["tuned"] for e in res["examples"])
 
 
+@pytest.mark.slow
 def test_left_padding_gives_the_unpadded_greedy_output(chat_run):
     pg = Playground.for_run(chat_run, cache=False)  # its own: the playground's calls below switch the adapter
     texts = [pg.format_prompt(p, "chat") for p in
@@ -256,6 +263,7 @@ def _refused(run, *args, expect: str) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_no_usable_prompts(bare_run, tmp_path):
     only_answers = _write(tmp_path / "answers.jsonl", [{"messages": [{"role": "assistant", "content": "hi"}]}] * 3)
     _refused(bare_run, "--data", str(only_answers), expect="no usable prompts")
@@ -263,6 +271,7 @@ def test_no_usable_prompts(bare_run, tmp_path):
     _refused(bare_run, "--data", str(text), expect="no usable prompts")
 
 
+@pytest.mark.slow
 def test_malformed_line_names_file_and_line(bare_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps(_chat_rows(1)[0])
@@ -270,6 +279,7 @@ def test_malformed_line_names_file_and_line(bare_run, tmp_path):
     _refused(bare_run, "--data", str(bad), expect=f"{bad}:3")
 
 
+@pytest.mark.slow
 def test_run_without_adapter(bare_run):
     import shutil
 
@@ -277,6 +287,7 @@ def test_run_without_adapter(bare_run):
     _refused(bare_run, expect="has no adapter")
 
 
+@pytest.mark.slow
 def test_limit_zero_and_bad_numbers(bare_run):
     _refused(bare_run, "--limit", "0", expect="--limit must be an integer >= 1")
     _refused(bare_run, "--batch-size", "0", expect="--batch-size")
@@ -287,6 +298,7 @@ def test_not_a_run_folder(tmp_path):
     _refused(tmp_path, expect="not a run folder")
 
 
+@pytest.mark.slow
 def test_cli_text_and_json(bare_run, tmp_path):
     data = _write(tmp_path / "few.jsonl", _chat_rows(4))
     code, out, _ = _cli("eval", str(bare_run), "--data", str(data), "--max-new-tokens", "4", "--json")

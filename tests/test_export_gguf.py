@@ -128,6 +128,7 @@ def _gguf_logits(path: Path, ids: list[int]) -> torch.Tensor:
 
 # --- merged exports read back by transformers -------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "qwen3"])
 def test_f32_round_trip_is_the_peft_merge(tmp_path, cases, arch):
     """f32 leaves only the layout: any wrong permutation, transpose or name shows as a logit error."""
@@ -151,6 +152,7 @@ MATRIX = [pytest.param(a, q, marks=() if q in ("f16", "q8_0") else pytest.mark.s
           for a in ("llama", "gpt2", "qwen2", "qwen3") for q in QUANTS if q != "f32"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "quant"), MATRIX)
 def test_every_quant_type_loads_back_and_agrees(tmp_path, cases, arch, quant):
     base, adapter = cases(arch)
@@ -167,6 +169,7 @@ def test_every_quant_type_loads_back_and_agrees(tmp_path, cases, arch, quant):
         assert v["agreement"] >= 0.99 and v["max_abs_logit_diff"] < 0.05
 
 
+@pytest.mark.slow
 def test_chatml_metadata_and_ollama_modelfile(tmp_path, cases):
     base, adapter = cases("qwen2")
     out = tmp_path / "chat.gguf"
@@ -269,6 +272,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, cases):
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_failed_verification_removes_the_file_and_exits_1(tmp_path, cases, monkeypatch, capsys):
     base, adapter = cases("llama")
     monkeypatch.setitem(gguf_verify.AGREEMENT, "f16", 1.01)  # no file can pass: the failure path is real
@@ -296,6 +300,7 @@ def _run(tmp: Path, base_name="tiny-llama", adapter=True) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_cli_run_json_keys_and_default_out(tmp_path, capsys):
     run = _run(tmp_path)
     assert main(["export", "gguf", str(run), "--json", "--ollama"]) == 0
