@@ -212,6 +212,7 @@ def poll(port: int) -> tuple[str, dict | None]:
     return d["status"], d.get("plot")
 
 
+@pytest.mark.slow
 def test_new_ui_finds_the_running_run_and_its_whole_curve(live):
     run_dir, client, port = live
     attached = client.predict(api_name="/page_load")[-1]  # what a fresh page does first: re-attach to the active run
@@ -229,6 +230,7 @@ def test_new_ui_finds_the_running_run_and_its_whole_curve(live):
     assert len(again) > len(shown) and again[:len(shown)] == shown  # it keeps following
 
 
+@pytest.mark.slow
 def test_unwritable_runs_folder_is_a_clear_error_and_the_server_stays_up(live, tmp_path):
     run_dir, client, port = live
     from gradio_client import handle_file
@@ -257,6 +259,7 @@ def test_unwritable_runs_folder_is_a_clear_error_and_the_server_stays_up(live, t
     assert blocked.read_text() == ""
 
 
+@pytest.mark.slow
 def test_sigkill_mid_step_shows_failed_with_log_tail_then_resumes(live, capsys):
     run_dir, client, port = live
     wait_until(lambda: runs.last_complete_checkpoint(run_dir), 60, "a complete checkpoint", run_dir)
@@ -310,6 +313,7 @@ def test_sigkill_mid_step_shows_failed_with_log_tail_then_resumes(live, capsys):
 
 # --- signals during a checkpoint save ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, trainer_env, tmp_path):
     sentinel = trainer_env("save", 20, 60)
     root = tmp_path / "runs"
@@ -328,6 +332,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(dataset, trainer_en
         kill_all(root)
 
 
+@pytest.mark.slow
 def test_stop_during_a_save_finishes_it_and_ends_stopped(dataset, trainer_env, tmp_path):
     sentinel = trainer_env("save", 20, 2.0)
     root = tmp_path / "runs"
@@ -349,6 +354,7 @@ def test_stop_during_a_save_finishes_it_and_ends_stopped(dataset, trainer_env, t
         kill_all(root)
 
 
+@pytest.mark.slow
 def test_sigkill_after_rotation_before_the_marker_keeps_a_complete_checkpoint(dataset, trainer_env, tmp_path):
     sentinel = trainer_env("rotate", 20, 60)
     root = tmp_path / "runs"
@@ -378,6 +384,7 @@ def test_cli_runs_folder_that_is_a_file_exits_2_with_one_line(dataset, tmp_path,
     assert blocked.read_text() == ""
 
 
+@pytest.mark.slow
 def test_cli_disk_full_exits_1_with_one_line(dataset, tmp_path):
     """RLIMIT_FSIZE makes every write past 64 bytes fail with EFBIG, for root too: a full disk."""
     cfg = tmp_path / "run.yaml"
@@ -464,6 +471,7 @@ merge(base, adapter, out, progress=slow)
 """
 
 
+@pytest.mark.slow
 def test_merge_process_killed_half_way_leaves_only_a_hidden_partial(base_and_adapter, tmp_path):
     from studio.export.merge import merge
 

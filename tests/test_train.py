@@ -111,6 +111,7 @@ def completed(env, dataset, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_completes_and_loss_falls(completed):
     st = runs.read_status(completed)
     assert st["step"] == st["max_steps"] == 30 and st["error"] is None
@@ -134,6 +135,7 @@ def test_run_completes_and_loss_falls(completed):
     assert listed[0]["last_loss"] == pytest.approx(loss[30]) and listed[0]["trainable_params"] == st["trainable_params"]
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_peft_and_changes_output(completed):
     from peft import PeftModel
 
@@ -159,6 +161,7 @@ def test_adapter_loads_in_peft_and_changes_output(completed):
         assert torch.equal(after[key], v), k
 
 
+@pytest.mark.slow
 def test_stop_then_resume_equals_uninterrupted(completed, env, dataset, tmp_path):
     run_dir = runs.start_run(make_cfg(dataset), tmp_path / "runs-b")
     wait_step(run_dir, 3)
@@ -185,6 +188,7 @@ def test_stop_then_resume_equals_uninterrupted(completed, env, dataset, tmp_path
     assert max(abs(la[s] - lb[s]) for s in range(stopped_at + 1, 31)) < 1e-5
 
 
+@pytest.mark.slow
 def test_kill9_fails_with_log_tail_then_resume_skips_partial(env, dataset, tmp_path):
     run_dir = runs.start_run(make_cfg(dataset, max_steps=40, save_steps=4, eval_steps=100), tmp_path / "runs")
     wait_until(lambda: runs.last_complete_checkpoint(run_dir), 90, "a complete checkpoint", run_dir)
@@ -211,6 +215,7 @@ def test_kill9_fails_with_log_tail_then_resume_skips_partial(env, dataset, tmp_p
     assert resumed and resumed[0]["step"] >= int(good.name.split("-")[1])
 
 
+@pytest.mark.slow
 def test_nan_loss_diverges_and_keeps_last_good_checkpoint(env, dataset, tmp_path):
     env.setenv("STUDIO_INJECT_NAN_AT_STEP", "8")
     try:
@@ -233,6 +238,7 @@ def test_nan_loss_diverges_and_keeps_last_good_checkpoint(env, dataset, tmp_path
     assert all(r["loss"] is not None for r in rows if "loss" in r and r["step"] < 8)
 
 
+@pytest.mark.slow
 def test_stop_during_startup_ends_stopped_without_adapter(env, dataset, tmp_path):
     run_dir = runs.start_run(make_cfg(dataset), tmp_path / "runs")
     wait_until(lambda: runs.read_status(run_dir)["alive"], 10, "the process", run_dir)
@@ -241,6 +247,7 @@ def test_stop_during_startup_ends_stopped_without_adapter(env, dataset, tmp_path
     assert st["step"] == 0 and not (run_dir / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_has_one_metrics_writer(env, dataset, tmp_path):
     t0 = time.monotonic()
     run_dir = runs.start_run(make_cfg(dataset, max_steps=6, eval_steps=3, save_steps=3), tmp_path / "runs", nproc=2)
@@ -258,6 +265,7 @@ def test_two_process_ddp_run_has_one_metrics_writer(env, dataset, tmp_path):
     assert {"rng_state_0.pth", "rng_state_1.pth", runs.COMPLETE_MARKER} <= {p.name for p in ckpt.iterdir()}
 
 
+@pytest.mark.slow
 def test_two_process_ddp_stop_agrees_on_a_step(env, dataset, tmp_path):
     run_dir = runs.start_run(make_cfg(dataset, max_steps=300, eval_steps=1000, save_steps=1000), tmp_path / "runs",
                              nproc=2)
@@ -271,6 +279,7 @@ def test_two_process_ddp_stop_agrees_on_a_step(env, dataset, tmp_path):
     assert "SignalException" not in (run_dir / runs.LOG).read_text(), "the launcher ends cleanly"
 
 
+@pytest.mark.slow
 def test_classification_run_reports_eval_accuracy(env, tmp_path):
     """minilm-l6 + LoRA on a small labelled set: compute_metrics path, label mapping, head saved."""
     data = tmp_path / "sentiment.jsonl"
