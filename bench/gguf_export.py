@@ -78,7 +78,7 @@ def naive(base: Path, adapter: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    from studio.export.gguf import _add_hparams
+    from studio.export.gguf import _add_hparams, _Writer  # _Writer: gguf-py's, able to write the empty merges
     from studio.export.gguf_vocab import read_vocab, write_vocab
 
     logging.disable_progress_bar()
@@ -87,7 +87,7 @@ def naive(base: Path, adapter: Path, out: Path) -> None:
     cfg = json.loads((base / "config.json").read_text())
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(out, "llama")
+    w = _Writer(out, "llama")
     vocab = read_vocab(AutoTokenizer.from_pretrained(base), cfg["vocab_size"])
     _add_hparams(w, "llama", cfg, len(vocab.tokens))
     write_vocab(w, vocab)
