@@ -310,3 +310,35 @@ def test_cli_text_and_json(bare_run, tmp_path):
     code, out, _ = _cli("eval", str(bare_run), "--data", str(data), "--max-new-tokens", "4", "--limit", "2")
     assert code == 0 and "exact_match" in out and "saved:" in out
     assert json.loads((bare_run / "eval" / "few.json").read_text())["n"] == 2
+
+
+# --- the shipped chat set and its held-out prompts --------------------------------------------
+
+def test_profile_json_answers_are_the_facts_of_the_sentence_and_heldout_is_unlike_training():
+    from studio.data.prepare import BUILTINS, list_builtin
+
+    listed = {d["name"]: d for d in list_builtin()}
+    assert {"profile-json", "profile-json-heldout"} <= set(BUILTINS) <= set(listed)
+    facts = {}
+    for name in ("profile-json", "profile-json-heldout"):
+        d = load_records(listed[name]["path"])
+        assert d.format == "messages"
+        seen = facts.setdefault(name, {"name": set(), "city": set(), "job": set(), "prompt": set()})
+        for conv in d.dataset["messages"]:
+            for user, answer in zip(conv[::2], conv[1::2]):
+                assert (user["role"], answer["role"]) == ("user", "assistant")
+                card = json.loads(answer["content"])
+                assert list(card) == ["name", "age", "city", "job"] and isinstance(card["age"], int)
+                assert answer["content"] == json.dumps(card)  # one line, the one spacing
+                for key in ("name", "city", "job"):
+                    assert card[key] in user["content"]
+                    seen[key].add(card[key])
+                assert str(card["age"]) in user["content"]
+                shape = user["content"]
+                for v in (card["name"], card["city"], card["job"], str(card["age"])):
+                    shape = shape.replace(v, "_")
+                seen["prompt"].add(shape)
+    train, held = facts["profile-json"], facts["profile-json-heldout"]
+    assert len(held["name"]) >= 20
+    for key in ("name", "city", "job", "prompt"):
+        assert not train[key] & held[key], key
