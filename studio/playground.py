@@ -37,12 +37,14 @@ from studio.runs.rundir import RunDir
 
 TEMPLATES = ("auto", "alpaca", "chat", "none")
 # The trained data format -> the prompt template that reproduces its text.
-FORMAT_TEMPLATES = {"alpaca": "alpaca", "messages": "chat", "text": "none", "classification": "none"}
+FORMAT_TEMPLATES = {"alpaca": "alpaca", "messages": "chat", "completion": "none", "text": "none",
+                    "classification": "none"}
 # One loaded model at a time: a second entry would hold a second base (a 7B model twice).
 # Switching runs reloads; a dropped entry is freed once no stream still uses it.
 CACHE_SIZE = 1
 SIDE_BY_SIDE_CHUNK = 4  # tokens per turn: each turn may switch the adapter (a walk over the model)
 CLASSIFY_BATCH = 32
+MAX_ADAPTERS = 3  # loaded beside the run's own: each is a few MB, switching costs a walk over the layers
 _MAX_LOOKUP_ROWS = 50_000  # beyond this, example texts are decoded from tokens instead of looked up
 
 
@@ -52,7 +54,8 @@ class Playground:
 
     def __init__(self, model, tokenizer, *, task: str = "causal_lm", ref: str = "", has_adapter: bool = False,
                  run_dir: Path | None = None, cfg: RunConfig | None = None, id2label: dict | None = None,
-                 template: str = "none", adapter_source: str | None = None, load_s: float = 0.0):
+                 template: str = "none", adapter_source: str | None = None, load_s: float = 0.0,
+                 adapter_source_path: str | Path | None = None):
         self.model, self.tokenizer, self.task, self.ref = model, tokenizer, task, ref
         self.has_adapter, self.run_dir, self.cfg = has_adapter, run_dir, cfg
         self.id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
@@ -61,6 +64,9 @@ class Playground:
         self.last_stats: dict[str, dict] = {}  # "base" / "tuned" -> figures of the last finished generation
         self._lock = threading.Lock()
         self._adapter_on = has_adapter  # PeftModel.from_pretrained leaves the adapter enabled
+        # Named adapters loaded on the one base: "default" is the run's own; add_adapter loads more.
+        self.adapters: dict[str, str] = {"default": str(adapter_source_path)} if has_adapter else {}
+        self._active = "default" if has_adapter else None
         self._eval = None
         bos = tokenizer.bos_token_id
         # The trainer's rule (data._CausalEncoder): BOS only when the tokenizer itself adds one.
@@ -129,7 +135,7 @@ class Playground:
         model.eval()
         return cls(model, tok, task=m.task, ref=m.name_or_path, has_adapter=True, run_dir=run_dir, cfg=cfg,
                    id2label=id2label, template=_run_template(run_dir, cfg), adapter_source=source,
-                   load_s=time.perf_counter() - t0)
+                   load_s=time.perf_counter() - t0, adapter_source_path=adapter)
 
     def info(self) -> dict:
         """Plain facts for the UI header."""
@@ -184,6 +190,48 @@ class Playground:
         texts = [self._texts(self._steps(prompt, False, *args)), self._texts(self._steps(prompt, True, *args))]
         return self._interleave(texts)
 
+    def add_adapter(self, ref: str, name: str | None = None) -> str:
+        """Load another adapter of the same base onto the loaded model (PEFT's named adapters): once,
+        then switched per generation with `adapter=NAME`, never re-read. Returns its name."""
+        from studio.adapters import library
+
+        if not self.has_adapter:
+            raise PlaygroundError(self._no_adapter())
+        entry = library.resolve(ref, self.run_dir.parent if self.run_dir else None)
+        name = name or entry.name
+        if self.adapters.get(name) == entry.path:
+            return name
+        if name in self.adapters or not name.replace("-", "_").replace(".", "_").isidentifier():
+            raise PlaygroundError(f"adapter name {name!r} is taken or not a plain name; pass another name")
+        if len(self.adapters) > MAX_ADAPTERS:
+            raise PlaygroundError(f"at most {MAX_ADAPTERS} adapters beside the run's own are loaded at once")
+        mine = library.Entry("run", "", self.ref, self.task, "run", None, None, [], 0)
+        if not library.same_base(mine, entry):
+            raise PlaygroundError(f"{entry.name} was trained on {entry.base}, not on {self.ref}; "
+                                  "adapters of another base cannot be loaded onto this one")
+        with self._lock:
+            try:
+                self.model.load_adapter(entry.path, adapter_name=_peft_name(name), is_trainable=False)
+            except (ValueError, OSError, RuntimeError, KeyError) as e:
+                raise PlaygroundError(f"cannot load the adapter {entry.path} on {self.ref}: {_first_line(e)}") from None
+            self._set_adapter(self._active)  # load_adapter may leave another adapter active
+        self.adapters[name] = entry.path
+        return name
+
+    def compare(self, prompt: str, adapters: list[str] | None = None, *, max_new_tokens: int = 64,
+                temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                template: str = "auto") -> Iterator[dict[str, str]]:
+        """{"base": text, name: text, ...} as all fill up in turns: the base and each loaded adapter."""
+        names = list(adapters or self.adapters)
+        for n in names:
+            if n not in self.adapters:
+                raise PlaygroundError(f"adapter {n!r} is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+        args = (max_new_tokens, temperature, top_p, seed, template)
+        columns = ["base", *names]
+        texts = [self._texts(self._steps(prompt, False if c == "base" else c, *args)) for c in columns]
+        for row in self._interleave_many(texts):
+            yield dict(zip(columns, row))
+
     @staticmethod
     def _interleave(texts: list[Iterator[str]]) -> Iterator[tuple[str, str]]:
         cur, live, shown = ["", ""], [True, True], None
@@ -201,13 +249,30 @@ class Playground:
         if shown is None:
             yield "", ""
 
+    @staticmethod
+    def _interleave_many(texts: list[Iterator[str]]) -> Iterator[tuple[str, ...]]:
+        cur, live, shown = [""] * len(texts), [True] * len(texts), None
+        while any(live):
+            for i in range(len(texts)):
+                for _ in range(SIDE_BY_SIDE_CHUNK if live[i] else 0):
+                    nxt = next(texts[i], None)
+                    if nxt is None:
+                        live[i] = False
+                        break
+                    cur[i] = nxt
+                if tuple(cur) != shown:
+                    shown = tuple(cur)
+                    yield shown
+        if shown is None:
+            yield tuple(cur)
+
     def logits(self, text: str, *, adapter: bool = True, template: str = "none") -> torch.Tensor:
         """Logits at every position of the (formatted) text, shape [tokens, vocab or labels], on the CPU."""
         if adapter and not self.has_adapter:
             raise PlaygroundError(self._no_adapter())
         ids = torch.tensor([self.encode(self.format_prompt(text, template))], device=self.device)
         with self._lock, torch.inference_mode():
-            self._set_adapter(bool(adapter))
+            self._set_adapter(self._mode(adapter))
             return self.model(input_ids=ids).logits[0].float().cpu()
 
     def _steps(self, prompt, adapter, max_new_tokens, temperature, top_p, seed, template) -> Iterator[int]:
@@ -225,11 +290,11 @@ class Playground:
         if ids[0] is None:
             raise PlaygroundError("the prompt is empty and the tokenizer has no BOS token to start from")
         ids = ids[-(self.max_positions - max_new_tokens):]  # keep the end of a prompt too long to fit
-        return self._loop(ids, bool(adapter), max_new_tokens, float(temperature), float(top_p), int(seed))
+        return self._loop(ids, self._mode(adapter), max_new_tokens, float(temperature), float(top_p), int(seed))
 
     def _loop(self, ids, adapter, max_new_tokens, temperature, top_p, seed) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed)
-        mode = "tuned" if adapter else "base"
+        mode = "base" if adapter is None else ("tuned" if adapter == "default" else adapter)
         seq, cache, new, why = list(ids), None, 0, "max_new_tokens"
         inp = torch.tensor([seq], device=self.device)
         t0 = time.perf_counter()
@@ -264,12 +329,36 @@ class Playground:
         if final != last:
             yield final
 
-    def _set_adapter(self, on: bool) -> None:
-        """Switch the LoRA branch (and modules_to_save copies) on or off; call with the lock held."""
-        if self.has_adapter and on != self._adapter_on:
-            base = self.model.base_model
-            base.enable_adapter_layers() if on else base.disable_adapter_layers()
-            self._adapter_on = on
+    def _mode(self, adapter) -> str | None:
+        """adapter=False -> None (the base), True -> "default" (the run's own), a name -> that adapter."""
+        if adapter is False or adapter is None:
+            return None
+        if adapter is True:
+            adapter = "default"
+        if adapter not in self.adapters:
+            raise PlaygroundError(self._no_adapter() if not self.adapters else
+                                  f"adapter {adapter!r} is not loaded; loaded: {', '.join(self.adapters)}")
+        return adapter
+
+    def _set_adapter(self, mode) -> None:
+        """Switch the LoRA branch (and modules_to_save copies) off (None, False) or to one named adapter
+        (True: the run's own); call with the lock held. Nothing is read from disk: a switch flips
+        flags on the loaded layers."""
+        if not self.has_adapter:
+            return
+        mode = "default" if mode is True else (None if mode is False else mode)
+        base = self.model.base_model
+        if mode is None:
+            if self._adapter_on:
+                base.disable_adapter_layers()
+                self._adapter_on = False
+            return
+        if mode != self._active:
+            self.model.set_adapter(_peft_name(mode))
+            self._active = mode
+        if not self._adapter_on:
+            base.enable_adapter_layers()
+            self._adapter_on = True
 
     # --- classification -----------------------------------------------------------------------
 
@@ -444,6 +533,11 @@ def _check_sampling(max_new_tokens, temperature, top_p, seed) -> None:
         raise PlaygroundError(f"top_p must be in (0, 1], got {top_p!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise PlaygroundError(f"seed must be an integer >= 0, got {seed!r}")
+
+
+def _peft_name(name: str) -> str:
+    # PEFT keeps adapters in ModuleDicts: their keys may not hold dots.
+    return name.replace(".", "_")
 
 
 def _first_line(e: BaseException) -> str:

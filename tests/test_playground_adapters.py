@@ -1,0 +1,85 @@
+"""Several adapters on one loaded base: loaded once, switched per generation, never re-read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import studio.playground as pgm
+from studio.config import RunConfig
+from studio.errors import PlaygroundError
+from studio.models import load_model
+from studio.runs.manager import create_run
+from studio.runs.rundir import RunDir
+
+
+def _adapter(folder: Path, seed: int, ref: str = "tiny-llama", targets=("q_proj", "v_proj")) -> Path:
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(load_model(ref), cfg).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pg")
+    run = create_run(RunConfig.from_dict({"model": {"name_or_path": "tiny-llama"}, "data": {"format": "alpaca"}}),
+                     d / "runs")
+    _adapter(RunDir(run).adapter, seed=1)
+    others = {"two": _adapter(d / "two", seed=2), "three": _adapter(d / "three", seed=3),
+              "gpt2": _adapter(d / "gpt2", seed=4, ref="tiny-gpt2", targets=("c_attn",))}
+    pg = pgm.Playground.for_run(run, cache=False)
+    return pg, run, others
+
+
+def _alone(path: Path, text_ids: torch.Tensor) -> torch.Tensor:
+    pm = PeftModel.from_pretrained(load_model("tiny-llama"), str(path)).eval()
+    with torch.no_grad():
+        return pm(input_ids=text_ids).logits[0].float()
+
+
+def test_each_loaded_adapter_gives_its_own_logits_and_switching_reads_nothing(setup, monkeypatch):
+    pg, run, others = setup
+    assert pg.add_adapter(str(others["two"])) == "two"
+    assert pg.add_adapter(str(others["three"]), name="three") == "three"
+    assert pg.add_adapter(str(others["two"])) == "two"  # already loaded: nothing happens
+    text = "Spell the word backwards."
+    ids = torch.tensor([pg.encode(pg.format_prompt(text, "none"))])
+    reads = []
+    import peft.utils.save_and_load as sl
+
+    real = sl.load_peft_weights
+    monkeypatch.setattr(sl, "load_peft_weights", lambda *a, **k: reads.append(a) or real(*a, **k))
+    want = {"two": _alone(others["two"], ids), "three": _alone(others["three"], ids),
+            "default": _alone(RunDir(run).adapter, ids)}
+    reads.clear()  # the references above read their files; the playground must not
+    for name in ("two", "default", "three", "two", False, "three"):
+        got = pg.logits(text, adapter=name)
+        if name is False:
+            with torch.no_grad():
+                base = load_model("tiny-llama")(input_ids=ids).logits[0].float()
+            assert torch.allclose(got, base, atol=1e-5)
+        else:
+            assert torch.allclose(got, want[name], atol=1e-5), name
+    assert reads == []
+
+
+def test_compare_streams_the_base_and_every_adapter_side_by_side(setup):
+    pg, _, others = setup
+    pg.add_adapter(str(others["two"]))
+    rows = list(pg.compare("Hi", ["default", "two"], max_new_tokens=6, temperature=0.0))
+    last = rows[-1]
+    assert set(last) == {"base", "default", "two"}
+    for name, adapter in (("base", False), ("default", True), ("two", "two")):
+        assert last[name] == pg.generate("Hi", adapter=adapter, max_new_tokens=6, temperature=0.0)
+
+
+def test_adapters_of_another_base_or_unknown_names_are_refused(setup):
+    pg, _, others = setup
+    with pytest.raises(PlaygroundError, match="trained on .*tiny-gpt2.*not on tiny-llama"):
+        pg.add_adapter(str(others["gpt2"]))
+    with pytest.raises(PlaygroundError, match="adapter 'nope' is not loaded; loaded: default"):
+        pg.generate("Hi", adapter="nope", max_new_tokens=2)
