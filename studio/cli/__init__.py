@@ -54,14 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--gradient-checkpointing", action="store_true")
     m.add_argument("--optimizer", default="adamw", help="adamw or adamw_8bit")
 
-
     from studio.cli.evaluate import add_parser as add_eval_parser
     from studio.cli.export import add_parser as add_export_parser
     from studio.cli.runs import add_parsers
+    from studio.cli.adapters import add_parser as add_adapters_parser
     from studio.cli.sweep import add_parser as add_sweep_parser
 
     add_parsers(sub)
     add_sweep_parser(sub)
+    add_adapters_parser(sub)
     add_eval_parser(sub)
     add_export_parser(sub)
     return p
@@ -180,9 +181,10 @@ def _commands() -> dict:
     from studio.cli.evaluate import COMMANDS as EVAL
     from studio.cli.export import COMMANDS as EXPORT
     from studio.cli.runs import COMMANDS as ENGINE
+    from studio.cli.adapters import COMMANDS as ADAPTERS
     from studio.cli.sweep import COMMANDS as SWEEP
 
-    return {"tree": cmd_tree, "count": cmd_count, **ENGINE, **EVAL, **SWEEP, **EXPORT}
+    return {"tree": cmd_tree, "count": cmd_count, **ENGINE, **EVAL, **SWEEP, **ADAPTERS, **EXPORT}
 
 
 def _conversion_progress():
