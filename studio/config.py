@@ -222,6 +222,13 @@ class TrainConfig:
         for name in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             _check_int(f"train.{name}", getattr(self, name), 1, 10**9)
         _check_int("train.seed", self.seed, 0, 2**32 - 1)
+        if self.early_stopping_patience and self.save_steps % self.eval_steps:
+            # Trainer's load_best_model_at_end rule: a checkpoint at every evaluation that can be the best.
+            lo = self.save_steps // self.eval_steps * self.eval_steps or self.eval_steps
+            raise ConfigError(f"train.save_steps {self.save_steps} must be a multiple of train.eval_steps "
+                              f"{self.eval_steps} when train.early_stopping_patience is on (the best checkpoint "
+                              f"is kept, so a checkpoint must exist at each evaluation); e.g. save_steps {lo} "
+                              f"or {lo + self.eval_steps}")
 
 
 @dataclass
@@ -234,6 +241,13 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for part in (self.model, self.data, self.lora, self.train):
             part.validate()
+        t = self.train
+        if t.early_stopping_patience and self.data.eval_fraction <= 0:
+            raise ConfigError(f"train.early_stopping_patience {t.early_stopping_patience} needs evaluations, and "
+                              "data.eval_fraction is 0; set data.eval_fraction above 0 or the patience to 0")
+        if t.metric_for_best_model == "eval_accuracy" and self.model.task != "seq_cls":
+            raise ConfigError(f"train.metric_for_best_model eval_accuracy is measured for model.task seq_cls only, "
+                              f"not {self.model.task}; use eval_loss")
         return self
 
     def to_dict(self) -> dict:

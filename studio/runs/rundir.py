@@ -53,6 +53,7 @@ FINAL_STATES = ("stopped", "completed", "failed", "diverged")
 CONFIG, STATUS, METRICS, LOG = "config.yaml", "status.json", "metrics.jsonl", "train.log"
 LAUNCH, STOP_REQUEST = "launch.json", "stop.request"
 CHECKPOINTS, ADAPTER, MERGED, EXPORTS, EVAL = "checkpoints", "adapter", "merged", "exports", "eval"
+TRACKERS = "trackers"  # what experiment trackers (train.report_to) write, one folder each
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written into a checkpoint folder by the trainer after Trainer has finished every file of it
 # (on every process), so a folder without it is a partial write from a killed process.
@@ -197,6 +198,7 @@ class RunDir:
     merged = property(lambda self: self.path / MERGED)
     exports = property(lambda self: self.path / EXPORTS)
     eval_dir = property(lambda self: self.path / EVAL)
+    trackers = property(lambda self: self.path / TRACKERS)
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{int(step)}"

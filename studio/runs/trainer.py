@@ -40,6 +40,36 @@ metrics and the adapter. For multi-node, FSDP or DeepSpeed, write an accelerate 
 which becomes `accelerate launch --config_file my.yaml [--num_processes N] -m studio.runs.trainer RUN_DIR`;
 the file then decides backend, machines, ports, FSDP or DeepSpeed settings and mixed precision.
 
+Switches (config.py has their help texts). model.quantization 8bit/4bit loads the frozen base
+through bitsandbytes and readies it with peft.prepare_model_for_kbit_training; the adapter still
+trains in float32 and merges into the full-precision base (studio merge reads the base's own
+files). train.gradient_checkpointing is Trainer's activation checkpointing with use_reentrant
+False (no input-gradient hook needed, works with a frozen base). train.precision: auto is bf16
+on a CUDA GPU that supports it (fp16 when the weights are float16), fp32 otherwise. train.optim
+adamw / adamw_8bit are Trainer's adamw_torch / adamw_bnb_8bit. The KV cache is off for training:
+with a cache transformers does not derive the per-example mask of a packed block from its
+position_ids, and packed examples would attend to each other.
+
+Loss. While training on one process, the causal-LM loss is studio.runs.loss.labelled_loss: the
+output head only at labelled positions, the same loss to float rounding (tests compare the first
+steps' losses with the model's own forward). Evaluation, DDP (whose gradient sync needs its own
+forward) and architectures loss.py does not cover use the model's own forward.
+
+Best checkpoint and early stopping. train.early_stopping_patience > 0 turns on Trainer's
+EarlyStoppingCallback with load_best_model_at_end on train.metric_for_best_model; config
+validation requires save_steps to be a multiple of eval_steps (a checkpoint at every
+evaluation that can be the best, Trainer's own rule) and an eval split. The final adapter is
+then the best checkpoint's. status.json records best_step / best_metric / best_metric_name
+(the best evaluation so far, whether or not early stopping is on) and, at the end, stop_reason:
+completed, early_stopping, stopped or diverged.
+
+Trackers. train.report_to goes to TrainingArguments.report_to (Trainer's own integrations). Each
+tracker writes under RUN/trackers/: tensorboard event files in trackers/tensorboard, an MLflow
+file store in trackers/mlflow (experiment "lora-studio", run name = run id), wandb in offline
+mode under trackers/wandb, trackio under trackers/trackio. A variable the user already set
+(MLFLOW_TRACKING_URI, WANDB_MODE, ...) wins. status.json `trackers` maps each tracker to its
+`path` and the `open` command that shows it.
+
 Test hooks: the environment variable STUDIO_INJECT_NAN_AT_STEP=N multiplies the training loss
 of optimizer step N by NaN, as a real divergence would look; STUDIO_SLOW_STEP_S=SECONDS makes
 every optimizer step that much longer, as a big model or a busy machine would. They exist for
@@ -90,12 +120,13 @@ from pathlib import Path  # noqa: E402
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from studio import _compat, runs  # noqa: E402
 from studio.config import RunConfig, load_config  # noqa: E402
-from studio.errors import StudioError  # noqa: E402
+from studio.errors import ConfigError, StudioError  # noqa: E402
+from studio.runs.loss import labelled_loss  # noqa: E402
 from studio.runs.rundir import RunDir  # noqa: E402
 
 NAN_HOOK_ENV = "STUDIO_INJECT_NAN_AT_STEP"
@@ -104,6 +135,8 @@ STEP_WINDOW = 20  # step_s is the slowest of this many recent steps: one slow st
 # Trainer's own files in a checkpoint; everything else there (adapter, tokenizer) is the adapter.
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
                  runs.COMPLETE_MARKER}
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}  # train.optim -> Trainer's names
+TRACKER_PROJECT = "lora-studio"  # MLflow experiment, wandb / trackio project
 METRIC_KEYS = ("loss", "eval_loss", "eval_accuracy", "learning_rate", "grad_norm", "train_loss", "train_runtime")
 
 
@@ -145,6 +178,8 @@ class StudioTrainer(_compat.DeferCheckpointRotation, Trainer):
         self.pad_id = pad if pad != eos else None  # a pad that doubles as EOS cannot tell padding apart
         self.tokens = 0
         self.bad_loss: tuple[int, float] | None = None  # (step, value) of the first non-finite loss
+        self.use_labelled_loss = True  # causal LM only; build() turns it off for classifiers
+        self.labelled_steps = 0  # micro-batches whose loss came from labelled_loss (tests read it)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.tokens = self.tokens + count_tokens(inputs, self.pad_id)
@@ -165,12 +200,36 @@ class StudioTrainer(_compat.DeferCheckpointRotation, Trainer):
         return super().evaluate(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        out = None
+        if model.training and not return_outputs:
+            out = self._labelled_loss(model, inputs, num_items_in_batch)
+        if out is None:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
         if model.training and self.inject_nan_at == self.state.global_step + 1:
             if return_outputs:
                 return out[0] * float("nan"), out[1]
             return out * float("nan")
         return out
+
+
+    def _labelled_loss(self, model, inputs, num_items_in_batch):
+        """labelled_loss where it gives what Trainer.compute_loss would: one process, no custom loss."""
+        if (not self.use_labelled_loss or self.label_smoother is not None or self.compute_loss_func is not None
+                or self.accelerator.unwrap_model(model) is not model):  # DDP / DataParallel need their forward
+            return None
+        # Trainer's rule: the model divides by num_items_in_batch only when it accepts loss kwargs;
+        # otherwise it takes the mean and Trainer divides by the accumulation steps.
+        n = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        batch = {k: v for k, v in inputs.items() if k != "use_cache"}
+        with self.accelerator.autocast():  # accelerate autocasts the wrapped forward; this bypasses it
+            loss = labelled_loss(model, batch, n)
+        if loss is None:
+            return None
+        self.labelled_steps += 1
+        if self.args.average_tokens_across_devices and n is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss does
+        return loss
 
 
 def count_tokens(inputs, pad_id: int | None = None) -> torch.Tensor | int:
@@ -188,10 +247,12 @@ def count_tokens(inputs, pad_id: int | None = None) -> torch.Tensor | int:
 class StudioCallback(TrainerCallback):
     """Streams metrics and status, turns a stop request or a bad loss into the end of training."""
 
-    def __init__(self, report: Reporter, world_size: int):
+    def __init__(self, report: Reporter, world_size: int, best_metric: str = "eval_loss"):
         self.report, self.world = report, world_size
         self.trainer: StudioTrainer | None = None
         self.stop = self.diverged = False
+        self.best_key, self.higher_better = best_metric, best_metric == "eval_accuracy"
+        self.early: EarlyStoppingCallback | None = None
         self.elapsed_before = float(report.status.get("elapsed_s") or 0.0)
         self.step_t0, self.step_times = None, deque(maxlen=STEP_WINDOW)
 
@@ -245,10 +306,17 @@ class StudioCallback(TrainerCallback):
             self.report.update(state="stopping" if self.stop else "running", step=state.global_step,
                                eta_s=eta, elapsed_s=self._elapsed())
 
-    def on_evaluate(self, args, state, control, **kw):
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
         self.mark = time.time()  # evaluation time is not training time (tokens/s)
         if self.trainer.eval_t0 is not None:
             self.report.status["eval_s"] = round(self.mark - self.trainer.eval_t0, 3)
+        value = (metrics or {}).get(self.best_key)
+        if isinstance(value, (int, float)) and value == value:
+            best = self.report.status.get("best_metric")  # survives a resume in status.json
+            # Strict improvement, as Trainer's _determine_best_metric: a tie keeps the earlier step.
+            if best is None or (value > best if self.higher_better else value < best):
+                self.report.status.update(best_step=state.global_step, best_metric=float(value),
+                                          best_metric_name=self.best_key)
 
     def on_save(self, args, state, control, **kw):
         if self.world > 1:
@@ -290,9 +358,52 @@ class StudioCallback(TrainerCallback):
 
 # --- building the pieces --------------------------------------------------------------------
 
+def resolve_precision(precision: str, dtype: str, cuda: bool) -> str:
+    """train.precision as run: fp32, bf16 or fp16 (auto: bf16 on a CUDA GPU that supports it)."""
+    if precision != "auto":
+        return precision
+    if cuda and dtype == "float16":
+        return "fp16"  # float16 weights need fp16's loss scaling
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def tracker_setup(report_to: list[str], run_dir: Path) -> dict:
+    """Point each tracker into RUN/trackers/ (through the variables Trainer's integrations read);
+    returns status.json's `trackers`: {name: {"path": ..., "open": command}}. Variables the user set win."""
+    root = RunDir(run_dir).trackers
+    out = {}
+    for name in report_to:
+        path = root / name
+        if name == "tensorboard":
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(path))
+            path = Path(os.environ["TENSORBOARD_LOGGING_DIR"])
+            out[name] = {"path": str(path), "open": f"tensorboard --logdir {path}"}
+        elif name == "mlflow":
+            os.environ.setdefault("MLFLOW_TRACKING_URI", path.resolve().as_uri())
+            os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", TRACKER_PROJECT)
+            uri = os.environ["MLFLOW_TRACKING_URI"]
+            out[name] = {"path": uri, "experiment": os.environ["MLFLOW_EXPERIMENT_NAME"],
+                         "open": f"mlflow ui --backend-store-uri {uri}"}
+        elif name == "wandb":
+            os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless asked
+            os.environ.setdefault("WANDB_DIR", str(root))  # wandb writes its own wandb/ folder in it
+            os.environ.setdefault("WANDB_PROJECT", TRACKER_PROJECT)
+            path = Path(os.environ["WANDB_DIR"]) / "wandb"
+            out[name] = {"path": str(path), "mode": os.environ["WANDB_MODE"],
+                         "open": f"wandb sync {path}/offline-run-*  (uploads the offline run; then open it on wandb.ai)"}
+        elif name == "trackio":
+            os.environ.setdefault("TRACKIO_DIR", str(path))
+            out[name] = {"path": os.environ["TRACKIO_DIR"],
+                         "open": f"TRACKIO_DIR={os.environ['TRACKIO_DIR']} trackio show --project {TRACKER_PROJECT}"}
+        path.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool, group_by_length: bool = False) -> TrainingArguments:
     t = cfg.train
     cuda = torch.cuda.is_available()
+    precision = resolve_precision(t.precision, cfg.model.dtype, cuda)
+    best = t.early_stopping_patience > 0 and has_eval
     return TrainingArguments(
         output_dir=str(RunDir(run_dir).checkpoints),
         learning_rate=t.learning_rate, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
@@ -304,11 +415,18 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool, group_by_l
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        seed=t.seed, report_to="none", disable_tqdm=True,
+        seed=t.seed, disable_tqdm=True,
+        report_to=list(t.report_to) or "none", run_name=RunDir(run_dir).id, project=TRACKER_PROJECT,
         dataloader_num_workers=0, use_cpu=not cuda, label_names=["labels"],
         # LoRA leaves the frozen base without gradients by design; the unused-parameter search costs a pass.
         ddp_find_unused_parameters=False,
-        fp16=cuda and cfg.model.dtype == "float16",
+        fp16=precision == "fp16", bf16=precision == "bf16",
+        optim=OPTIMIZERS[t.optim],
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # The best checkpoint becomes the final adapter; config validation lines saves up with evaluations.
+        load_best_model_at_end=best, metric_for_best_model=t.metric_for_best_model if best else None,
+        greater_is_better=(t.metric_for_best_model == "eval_accuracy") if best else None,
         # Unpacked examples come with a `length` column: batches of similar lengths waste less on padding.
         train_sampling_strategy="group_by_length" if group_by_length else "random", length_column_name="length",
     )
@@ -341,7 +459,15 @@ def build(cfg: RunConfig, run_dir: Path, report: Reporter) -> tuple[StudioTraine
     seq_cls = m.task == "seq_cls"
     model = load_model(m.name_or_path, m.task, num_labels=data.num_labels if seq_cls else None,
                        id2label=data.id2label if seq_cls else None, dtype=m.dtype,
-                       trust_remote_code=m.trust_remote_code)
+                       trust_remote_code=m.trust_remote_code, quantization=m.quantization)
+    # No KV cache while training: with one, transformers ignores the packed blocks' position_ids
+    # for the mask and examples in one block attend to each other.
+    model.config.use_cache = False
+    if m.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is switched on by Trainer (use_reentrant False), not here a second time.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
     set_seed(cfg.train.seed)  # the adapter's initial lora_A draws from this: same seed, same adapter
@@ -354,14 +480,26 @@ def build(cfg: RunConfig, run_dir: Path, report: Reporter) -> tuple[StudioTraine
                   train_examples=data.train_examples or len(data.train), eval_examples=data.eval_examples,
                   train_sequences=len(data.train), packed=data.packed, train_tokens=data.train_tokens,
                   warnings=list(data.warnings))
-    cb = StudioCallback(report, world)
+    t = cfg.train
+    if t.early_stopping_patience and data.eval is None:
+        raise ConfigError(f"train.early_stopping_patience {t.early_stopping_patience} needs an eval split, and "
+                          f"{cfg.data.path} gave none; raise data.eval_fraction or set the patience to 0")
+    cb = StudioCallback(report, world, t.metric_for_best_model)
+    callbacks: list[TrainerCallback] = [cb]
+    if t.early_stopping_patience:
+        cb.early = EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience)
+        callbacks.append(cb.early)
+    trackers = tracker_setup(t.report_to, run_dir) if report.enabled else {}
+    if trackers:
+        report.update(trackers=trackers)
     nan_at, slow = os.environ.get(NAN_HOOK_ENV), os.environ.get(SLOW_HOOK_ENV)
     trainer = StudioTrainer(
         model=model, args=training_arguments(cfg, run_dir, data.eval is not None, data.group_by_length),
         train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator, processing_class=tokenizer,
         compute_metrics=_accuracy if seq_cls else None, preprocess_logits_for_metrics=_argmax if seq_cls else None,
-        callbacks=[cb], inject_nan_at=int(nan_at) if nan_at else None, slow_step_s=float(slow) if slow else 0.0)
+        callbacks=callbacks, inject_nan_at=int(nan_at) if nan_at else None, slow_step_s=float(slow) if slow else 0.0)
     cb.trainer = trainer
+    trainer.use_labelled_loss = not seq_cls
     return trainer, cb
 
 
@@ -420,6 +558,11 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
 
     step = trainer.state.global_step
     state, error, adapter_step = ("diverged" if cb.diverged else "stopped" if cb.stop else "completed"), None, None
+    early = (state == "completed" and cb.early is not None and step < trainer.state.max_steps
+             and cb.early.early_stopping_patience_counter >= cb.early.early_stopping_patience)
+    # Trainer has loaded the best checkpoint into the model (load_best_model_at_end) when there is one.
+    best_ckpt = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    best_ckpt = Path(best_ckpt) if best_ckpt and rd.is_complete_checkpoint(Path(best_ckpt)) else None
     if report.enabled:
         report.update(phase="saving adapter", state="stopping" if state == "stopped" else "running")
         if state != "diverged" and not adapter_is_finite(trainer.model):
@@ -427,7 +570,7 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
         if state == "diverged":
             bad = trainer.bad_loss
             why = error or f"loss became {bad[1]} at step {bad[0]}"
-            good = rd.last_complete_checkpoint()
+            good = best_ckpt or rd.last_complete_checkpoint()
             if good is not None:
                 publish_adapter(run_dir, lambda d: copy_checkpoint_adapter(good, d))
                 adapter_step = rd.checkpoint_step(good)
@@ -440,10 +583,13 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
                 trainer.processing_class.save_pretrained(d)
             t0 = time.time()
             publish_adapter(run_dir, write)
-            adapter_step = step
+            adapter_step = rd.checkpoint_step(best_ckpt) if best_ckpt is not None else step
             report.status["adapter_save_s"] = round(time.time() - t0, 3)
+    if best_ckpt is not None:  # Trainer's own record of the best, the checkpoint the adapter came from
+        report.status.update(best_step=rd.checkpoint_step(best_ckpt), best_metric=trainer.state.best_metric,
+                             best_metric_name=trainer.args.metric_for_best_model)
     report.update(state=state, phase="done", step=step, eta_s=0.0, error=error, adapter_step=adapter_step,
-                  elapsed_s=cb._elapsed(), finished_at=time.time())
+                  stop_reason="early_stopping" if early else state, elapsed_s=cb._elapsed(), finished_at=time.time())
     trainer.end()
     return state
 
@@ -465,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     report = Reporter(run_dir, enabled=main_process)
     report.update(state="running", phase="starting", pid=os.getpid(), pid_started=runs.process_start_time(os.getpid()),
-                  started_at=time.time(), nproc=int(os.environ.get("WORLD_SIZE", "1")), error=None, resumed=a.resume)
+                  started_at=time.time(), nproc=int(os.environ.get("WORLD_SIZE", "1")), error=None, resumed=a.resume,
+                  stop_reason=None)
     _Stop.raise_now = True
     try:
         if _Stop.requested:
