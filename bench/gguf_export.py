@@ -78,7 +78,8 @@ def naive(base: Path, adapter: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    from studio.export.gguf import _add_hparams, _Writer  # _Writer: gguf-py's, able to write the empty merges
+    from studio.export.gguf import _Writer  # gguf-py's writer, able to write the empty merges
+    from studio.export.gguf_arch import _add_hparams
     from studio.export.gguf_vocab import read_vocab, write_vocab
 
     logging.disable_progress_bar()

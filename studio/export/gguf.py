@@ -37,6 +37,8 @@ import psutil
 import torch
 
 from studio.errors import ExportError, MergeError
+from studio.export.gguf_arch import (_BY_MODEL_TYPE, _CONV1D, _MODEL_ARCH, _SKIP_SUFFIXES, ARCHS, _add_hparams,
+                                     _check_rope, _permuter)
 from studio.export.gguf_vocab import Vocab, modelfile, read_vocab, write_vocab
 from studio.export.merge import _compute, _Scratch  # the merge itself: one implementation
 from studio.export.plan import Entry, Plan, make_plan
@@ -49,19 +51,6 @@ Progress = Callable[[int, int, str], None]
 # for the I-quants, an importance matrix), so they are left to that tool.
 QUANTS = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f32")
 ADAPTER_QUANTS = ("f16", "bf16", "q8_0", "f32")  # what llama.cpp's convert_lora_to_gguf.py writes
-# name -> (llama.cpp architecture, Llama-style q/k permutation, Conv1D weights to transpose)
-ARCHS = {
-    "LlamaForCausalLM": ("llama", True, False),
-    "MistralForCausalLM": ("llama", True, False),
-    "Qwen2ForCausalLM": ("qwen2", False, False),
-    "Qwen3ForCausalLM": ("qwen3", False, False),
-    "GPT2LMHeadModel": ("gpt2", False, True),
-}
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}  # a config without `architectures`
-# Buffers transformers keeps in some checkpoints that llama.cpp recomputes.
-_SKIP_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 MODELFILE = "Modelfile"
 
 
@@ -353,17 +342,6 @@ def _lora_factor(t: _Tensor, plan: Plan, permute) -> torch.Tensor:
     return permute(b, kind) if kind.startswith("permute") else b
 
 
-def _permuter(cfg: dict):
-    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
-    kv = int(cfg.get("num_key_value_heads") or heads)
-
-    def permute(w: torch.Tensor, kind: str) -> torch.Tensor:
-        # convert_hf_to_gguf.py LlamaModel.permute: rotate-half pairs (i, i + d/2) -> adjacent (2i, 2i + 1)
-        n = heads if kind == "permute_q" else kv
-        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape).contiguous()
-    return permute
-
-
 def _encode(w: torch.Tensor, t: _Tensor) -> np.ndarray:
     import gguf
 
@@ -385,59 +363,10 @@ def _encode(w: torch.Tensor, t: _Tensor) -> np.ndarray:
 
 # --- metadata -----------------------------------------------------------------------------------
 
-def _add_hparams(w, arch: str, cfg: dict, n_vocab: int) -> None:
-    if arch == "gpt2":
-        n_embd = int(cfg["n_embd"])
-        w.add_context_length(int(cfg.get("n_ctx") or cfg["n_positions"]))
-        w.add_embedding_length(n_embd)
-        w.add_feed_forward_length(int(cfg.get("n_inner") or 4 * n_embd))
-        w.add_block_count(int(cfg["n_layer"]))
-        w.add_head_count(int(cfg["n_head"]))
-        w.add_layer_norm_eps(float(cfg.get("layer_norm_epsilon", 1e-5)))
-        return
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    w.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(int(cfg["intermediate_size"]))
-    w.add_block_count(int(cfg["num_hidden_layers"]))
-    w.add_head_count(heads)
-    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or heads))
-    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    w.add_rope_freq_base(float(_rope(cfg).get("rope_theta", 10000.0)))
-    if arch == "llama":
-        w.add_vocab_size(n_vocab)
-        w.add_rope_dimension_count(head_dim)
-    if cfg.get("head_dim") and head_dim != hidden // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-
-
-def _rope(cfg: dict) -> dict:
-    """Transformers 5 writes rope settings as rope_parameters; older configs as rope_theta / rope_scaling."""
-    rp = dict(cfg.get("rope_parameters") or {})
-    if "rope_theta" not in rp and cfg.get("rope_theta") is not None:
-        rp["rope_theta"] = cfg["rope_theta"]
-    if cfg.get("rope_scaling"):
-        rp.update(cfg["rope_scaling"])
-    return rp
-
-
-def _check_rope(cfg: dict, base_dir: Path) -> None:
-    kind = _rope(cfg).get("rope_type") or _rope(cfg).get("type") or "default"
-    if kind != "default":
-        raise ExportError(f"{base_dir}: rope scaling {kind!r} is not exported to GGUF yet; supported: default rope")
-
-
 def _FILE_TYPES(gguf) -> dict:
     F = gguf.LlamaFileType
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
             "q5_1": F.MOSTLY_Q5_1, "q5_0": F.MOSTLY_Q5_0, "q4_1": F.MOSTLY_Q4_1, "q4_0": F.MOSTLY_Q4_0}
-
-
-def _MODEL_ARCH(gguf) -> dict:
-    A = gguf.MODEL_ARCH
-    return {"llama": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3, "gpt2": A.GPT2}
 
 
 # --- inputs and outputs ---------------------------------------------------------------------

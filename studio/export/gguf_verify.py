@@ -150,6 +150,6 @@ def verify_adapter(path: Path, plan, tensors: list, permute) -> dict:
 
 
 def _permutes(plan) -> bool:
-    from studio.export.gguf import ARCHS
+    from studio.export.gguf_arch import ARCHS
 
     return ARCHS.get((plan.base_config.get("architectures") or ["?"])[0], ("", False, False))[1]
