@@ -26,6 +26,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--detach", action="store_true", help="start the run and return; follow it with `studio runs`")
     t.add_argument("--queue", action="store_true",
                    help="if a run is training, queue this one behind it (it starts when the slot is free) and return")
+    t.add_argument("--ignore-memory", action="store_true",
+                   help="start even when the memory estimate says the run will not fit this device")
 
     r = sub.add_parser("runs", help="list runs with state, step and last loss")
     r.add_argument("--runs-dir", default=None)
@@ -101,7 +103,7 @@ def cmd_train(a) -> int:
         run_dir = runs.resume_run(a.resume)
     elif a.config:
         cfg = load_config(a.config)
-        preflight(cfg)
+        preflight(cfg, check_memory=not a.ignore_memory)
         root = runs.runs_dir(a.runs_dir)
         check_runs_folder(root)
         try:

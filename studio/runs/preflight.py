@@ -14,23 +14,28 @@ from studio import lora, models
 from studio.config import RunConfig
 from studio.data.load import check_task, load_config_data
 from studio.errors import ConfigError
+from studio.models import memory
 from studio.models.shards import pickled_files
 from studio.models.tree import model_tree
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, check_memory: bool = True) -> None:
     """Refuse what the trainer would fail on, before a run folder or a process exists.
 
     Costs well under a second (the model is built on the meta device); each refusal is a
-    StudioError whose message names the model, file or target.
+    StudioError whose message names the model, file or target. `check_memory=False` is the
+    user insisting on a run the memory estimate says will not fit (`studio train --ignore-memory`).
     """
     m = cfg.model
     src = models.resolve(m.name_or_path)
     if src.explore_only:
         raise ConfigError(no_weights_reason(m.name_or_path, src.path))
     check_task(load_config_data(cfg.data), m.task)  # bad data: file:line and what is wrong
-    lora.check(model_tree(m.name_or_path, m.task, m.trust_remote_code), cfg.lora)  # targets that match nothing
+    tree = model_tree(m.name_or_path, m.task, m.trust_remote_code)
+    count = lora.check(tree, cfg.lora)  # targets that match nothing
     check_switches(cfg)
+    if check_memory:
+        check_fits(cfg, tree, count)
 
 
 def check_switches(cfg: RunConfig) -> None:
@@ -77,3 +82,198 @@ def check_runs_folder(root: Path) -> None:
     for parent in root.parents:
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"runs folder {root}: {parent} is a file, not a folder; pass --runs-dir DIR")
+
+
+# --- will it fit --------------------------------------------------------------------------------
+
+MEMORY_ENV = "STUDIO_MEMORY_LIMIT_BYTES"  # the memory to check against instead of the device's
+INSIST = ("to start it anyway: studio train CONFIG --ignore-memory (in Python: preflight(cfg, "
+          "check_memory=False))")
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def available_memory() -> tuple[int, str, str]:
+    """(bytes the run can use, where they are, "cpu" or "cuda") on the device the trainer will use:
+    the free memory of the GPU, else the RAM available (within this cgroup's limit, when lower);
+    $STUDIO_MEMORY_LIMIT_BYTES instead when set."""
+    import os
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw = os.environ.get(MEMORY_ENV, "").strip()
+    if raw:
+        try:
+            limit = int(raw)
+            if limit < 1:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{MEMORY_ENV}={raw!r}: give the memory as a whole number of bytes, "
+                              "e.g. 8000000000; or unset it to use the device's own") from None
+        return limit, f"{MEMORY_ENV}", device
+    if device == "cuda":
+        index = torch.cuda.current_device()
+        free, _ = torch.cuda.mem_get_info(index)
+        return free, f"free on GPU {index} ({torch.cuda.get_device_name(index)})", device
+    import psutil
+
+    avail, where = psutil.virtual_memory().available, "RAM available"
+    cgroup = _cgroup_room()
+    if cgroup is not None and cgroup < avail:
+        avail, where = cgroup, "left under this cgroup's memory limit"
+    return avail, where, device
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under a cgroup v2 memory limit (a container's), or None without one."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def run_memory(cfg: RunConfig, device: str) -> dict:
+    """The estimate's options for `cfg` as the trainer will run it on `device`: micro-batch,
+    max_length, quantization, weights dtype and compute precision resolved as the trainer does."""
+    from studio.models.registry import resolve_dtype
+    from studio.runs.trainer import resolve_precision
+
+    m, t = cfg.model, cfg.train
+    precision = resolve_precision(t.precision, m.dtype, device == "cuda")
+    weights = "fp32" if m.dtype == "auto" and device == "cpu" else \
+        _DTYPE_NAMES[str(resolve_dtype(m.dtype)).removeprefix("torch.")]
+    return dict(batch=t.per_device_train_batch_size, seq=cfg.data.max_length, quant=m.quantization,
+                # without autocast (fp32 asked) the activations take the weights' dtype
+                precision=precision if precision != "fp32" else weights, weights=weights,
+                gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optim)
+
+
+def needed_memory(tree, count, settings, device: str, **o) -> tuple[int, dict[str, int]]:
+    """(bytes, their parts) the run needs on `device`: the estimate at the run's options `o`
+    (run_memory's), its weights in their own dtype, plus the allowances (process or CUDA context,
+    the loss's transient gradients)."""
+    o = dict(o)
+    weights = o.pop("weights")
+    est = memory.estimate(tree, count, settings, device=device, **o)
+    w = est.weights_bytes
+    if weights != o["precision"]:
+        w = memory.estimate(tree, count, settings, device=device, **{**o, "precision": weights}).weights_bytes
+    parts = {"weights": w, "adapter, gradients and optimizer": est.trainable_bytes + est.gradients_bytes
+             + est.optimizer_bytes, "activations": est.activations_bytes,
+             **{k.replace("_", " "): v for k, v in memory.allowances(tree, o["batch"], o["seq"], device).items()}}
+    return sum(parts.values()), parts
+
+
+def _gb(n: int) -> str:
+    if n < memory.GIB:
+        return f"{n / 2**20:,.1f} MB"
+    return f"{n / memory.GIB:,.2f} GB" if n < 10 * memory.GIB else f"{n / memory.GIB:,.1f} GB"
+
+
+def check_fits(cfg: RunConfig, tree=None, count=None, available: int | None = None) -> None:
+    """Refuse a run whose memory estimate exceeds what its device has free, saying by how much
+    and which switches would make it fit, each with its own estimate (GB = 2^30 bytes).
+
+    `available`: bytes to check against (default: available_memory()). The estimate is of the
+    peak, for a batch filled to max_length: packing fills every block, and padded batches are
+    shorter only when their longest example is.
+    """
+    m, t = cfg.model, cfg.train
+    if tree is None:
+        tree = model_tree(m.name_or_path, m.task, m.trust_remote_code)
+    if count is None:
+        count = lora.check(tree, cfg.lora)
+    where, device = "given", None
+    if available is None:
+        available, where, device = available_memory()
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    o = run_memory(cfg, device)
+    need, parts = needed_memory(tree, count, cfg.lora, device, **o)
+    if need <= available:
+        return
+
+    def fits(**change) -> int | None:
+        n, _ = needed_memory(tree, count, cfg.lora, device, **{**o, **change})
+        return n if n <= available else None
+
+    ideas = []
+    b, ga = o["batch"], t.gradient_accumulation_steps
+    if b > 1:
+        # largest_batch prices the run's own compute dtype; the weights' own dtype is a fixed extra
+        extra = parts["weights"] - memory.estimate(tree, count, cfg.lora, device=device, batch=1, seq=o["seq"],
+                                                   quant=o["quant"], precision=o["precision"]).weights_bytes
+        n = memory.largest_batch(tree, count, cfg.lora, available - extra, seq=o["seq"], device=device,
+                                 limit=b - 1, quant=o["quant"], precision=o["precision"],
+                                 gradient_checkpointing=o["gradient_checkpointing"], optimizer=o["optimizer"])
+        got = fits(batch=n) if n else None
+        if got is not None:
+            steps = -(-b * ga // n)
+            same = "as before" if n * steps == b * ga else f"was {b * ga}"
+            ideas.append(f"train.per_device_train_batch_size {n} + train.gradient_accumulation_steps {steps} "
+                         f"(effective batch {n * steps}, {same}): {_gb(got)}")
+    if not o["gradient_checkpointing"] and _supports_checkpointing(cfg):
+        got = fits(gradient_checkpointing=True)
+        if got is not None:
+            ideas.append(f"train.gradient_checkpointing true: {_gb(got)}")
+    if o["quant"] != "4bit":
+        got = fits(quant="4bit")
+        if got is not None:
+            ideas.append(f"model.quantization 4bit: {_gb(got)}" + ("" if _has_bnb() else " (pip install bitsandbytes)"))
+    length = _longest_fitting(fits, o["seq"])
+    if length:
+        ideas.append(f"data.max_length {length}: {_gb(fits(seq=length))}")
+    lead = "Any of these would fit: "
+    if not ideas:
+        combo = dict(batch=1, gradient_checkpointing=_supports_checkpointing(cfg) or o["gradient_checkpointing"],
+                     quant="4bit")
+        n, _ = needed_memory(tree, count, cfg.lora, device, **{**o, **combo})
+        if n > available:  # and shorter, when that is what it takes
+            length = _longest_fitting(lambda **c: fits(**combo, **c), o["seq"])
+            if length:
+                combo["seq"] = length
+                n, _ = needed_memory(tree, count, cfg.lora, device, **{**o, **combo})
+        what = (f"train.per_device_train_batch_size 1 + train.gradient_accumulation_steps {b * ga}"
+                + (", train.gradient_checkpointing true" if combo["gradient_checkpointing"] else "")
+                + ", model.quantization 4bit" + (f", data.max_length {combo['seq']}" if "seq" in combo else ""))
+        if n <= available:
+            lead, ideas = "These together would fit: ", [f"{what}: {_gb(n)}"]
+        else:
+            lead, ideas = "Not even ", [f"{what} would fit ({_gb(n)}): pick a smaller model or a device with "
+                                        "more memory"]
+    breakdown = ", ".join(f"{k} {_gb(v)}" for k, v in parts.items())
+    raise ConfigError(
+        f"will not fit: the memory estimate is {_gb(need)} ({breakdown}) for micro-batch {b} x max_length "
+        f"{o['seq']} ({o['precision']}, quantization {o['quant']}, optimizer {o['optimizer']}"
+        + (", gradient checkpointing" if o["gradient_checkpointing"] else "")
+        + f") against {_gb(available)} ({where}) on the {'GPU' if device == 'cuda' else 'CPU'}: "
+        f"{_gb(need - available)} too much. {lead}" + "; ".join(ideas) + f". {INSIST[0].upper() + INSIST[1:]}")
+
+
+def _longest_fitting(fits, seq: int) -> int | None:
+    """The longest max_length under `seq` that fits (a multiple of 8; at least 8), or None."""
+    lo, hi = 8, seq - 1
+    if hi < lo or fits(seq=lo) is None:
+        return None
+    while lo < hi:  # memory grows with the length: bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(seq=mid) is not None else (lo, mid - 1)
+    return max(8, lo // 8 * 8)
+
+
+def _has_bnb() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _supports_checkpointing(cfg: RunConfig) -> bool:
+    m = cfg.model
+    klass = models.model_class(models.load_hf_config(m.name_or_path, m.trust_remote_code), m.task)
+    return bool(getattr(klass, "supports_gradient_checkpointing", False))
