@@ -82,6 +82,7 @@ def cls_pg(cls_run):
 
 # --- one model, adapter toggled -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_disabled_adapter_gives_the_base_logits_exactly(pg):
     text = "### Instruction:\nHello there\n\n### Response:\n"
     ref = load_model("tiny-llama")
@@ -96,6 +97,7 @@ def test_disabled_adapter_gives_the_base_logits_exactly(pg):
     assert torch.equal(pg.logits(text, adapter=False), want)
 
 
+@pytest.mark.slow
 def test_one_copy_of_the_base_loaded_once(causal_run, monkeypatch):
     calls = []
     real = gen.load_model
@@ -136,6 +138,7 @@ def test_cache_reloads_a_republished_adapter(causal_run, tmp_path):
 
 # --- generation -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stream_yields_growing_prefixes_ending_in_generate(pg):
     args = dict(adapter=True, temperature=0.9, top_p=0.95, seed=3, max_new_tokens=24)
     items = list(pg.stream("Name a color.", **args))
@@ -146,6 +149,7 @@ def test_stream_yields_growing_prefixes_ending_in_generate(pg):
     assert pg.last_stats["tuned"]["new_tokens"] <= 24
 
 
+@pytest.mark.slow
 def test_same_seed_same_text_greedy_deterministic(pg):
     a = pg.generate("x", temperature=1.0, seed=5, max_new_tokens=16)
     assert pg.generate("x", temperature=1.0, seed=5, max_new_tokens=16) == a
@@ -161,6 +165,7 @@ def test_same_seed_same_text_greedy_deterministic(pg):
     assert pg.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True) == g
 
 
+@pytest.mark.slow
 def test_side_by_side_fills_both_columns(pg):
     args = dict(temperature=0.7, seed=4, max_new_tokens=16)
     pairs = list(pg.side_by_side("Hello", **args))
@@ -170,6 +175,7 @@ def test_side_by_side_fills_both_columns(pg):
     assert pairs[-1][0] != pairs[-1][1]
 
 
+@pytest.mark.slow
 def test_concurrent_streams_keep_their_own_mode(pg):
     want = {m: pg.generate("abc", adapter=m, temperature=0, max_new_tokens=16) for m in (False, True)}
     got, errors = {}, []
@@ -209,6 +215,7 @@ def test_prompt_templates_are_the_training_text(pg, causal_run):
 
 # --- classification -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_classify_probabilities(cls_pg):
     texts = ["great film number 3", "awful film number 9", "something else entirely"]
     for adapter in (False, True):
@@ -226,6 +233,7 @@ def test_classify_probabilities(cls_pg):
     assert alone["probs"] == pytest.approx(tuned[2]["probs"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_sample_accuracy(cls_pg):
     res = cls_pg.eval_sample(n=64, seed=0)
     assert res["split"] == "eval" and res["n"] == res["split_size"] == 10  # 25% of 40, all of it

@@ -252,6 +252,7 @@ def test_live_view_follows_the_active_run_and_refuses_odd_run_ids(tmp_path):
     assert "No run yet" in meta["status"]
 
 
+@pytest.mark.slow
 def test_cost_explorer_covers_ranks_and_target_sets():
     fig, table = model_tab.sweep_view({"ref": "llama-3.1-70b", "task": "causal_lm"})
     assert len(table) == 32 and set(table["targets"]) == {"q+v", "attention", "mlp", "all-linear"}
@@ -346,6 +347,7 @@ def test_registry_wires_by_name_so_a_new_widget_shifts_nothing():
         assert bound(1, gr.Progress()) == {ui["t.out"]: "Progress"}
 
 
+@pytest.mark.slow
 def test_widgets_start_at_the_config_defaults_and_a_model_brings_its_starter_settings():
     from studio.config import STARTERS, DataConfig, TrainConfig, starter_config
     from studio.ui.registry import Registry
@@ -426,6 +428,7 @@ def _by_id(demo, elem_id):
     return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
 
 
+@pytest.mark.slow
 def test_the_studio_opens_on_smollm2_and_its_chat_dataset_and_tests_on_tiny_llama(tmp_path, monkeypatch):
     from studio import models
     from studio.config import starter_config
@@ -459,6 +462,7 @@ def _chat_dataset():
                 if d["name"] == "profile-json")
 
 
+@pytest.mark.slow
 def test_token_view_marks_trained_tokens_and_follows_the_loaded_model():
     v = {"data.dataset_select": _chat_dataset(), "data.data_format": "auto", "data.max_length": 512,
          "data.packing": False, "data.train_on_prompt": False, "model.state": LLAMA}
@@ -512,6 +516,7 @@ def eval_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_tab_shows_metrics_examples_and_brings_saved_results_back(eval_root):
     from studio import evaluate as ev
     from studio.ui.tabs import evaluate as eval_tab
