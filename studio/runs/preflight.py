@@ -38,8 +38,12 @@ def preflight(cfg: RunConfig, check_memory: bool = True) -> None:
         check_fits(cfg, tree, count)
 
 
+# The module Trainer's integration for each train.report_to tracker imports.
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
+
+
 def check_switches(cfg: RunConfig) -> None:
-    """Quantization, precision, optimizer and checkpointing that this machine and model can run."""
+    """Quantization, precision, optimizer, checkpointing and trackers that this machine and model can run."""
     import importlib.util
 
     import torch
@@ -57,6 +61,13 @@ def check_switches(cfg: RunConfig) -> None:
     if t.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"train.precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
                           "use fp16 or fp32")
+    for tracker in t.report_to:
+        module = TRACKER_MODULES[tracker]
+        if importlib.util.find_spec(module) is None:
+            extra = " (or pip install 'lora-studio[trackers]' for tensorboard and mlflow)" \
+                if tracker in ("tensorboard", "mlflow") else ""
+            raise ConfigError(f"train.report_to {tracker}: {module} is not installed: pip install {module}{extra}; "
+                              "or drop it from train.report_to")
     if t.gradient_checkpointing:
         klass = models.model_class(models.load_hf_config(m.name_or_path, m.trust_remote_code), m.task)
         if not getattr(klass, "supports_gradient_checkpointing", False):

@@ -65,7 +65,8 @@ completed, early_stopping, stopped or diverged.
 
 Trackers. train.report_to goes to TrainingArguments.report_to (Trainer's own integrations). Each
 tracker writes under RUN/trackers/: tensorboard event files in trackers/tensorboard, an MLflow
-file store in trackers/mlflow (experiment "lora-studio", run name = run id), wandb in offline
+file store in trackers/mlflow (experiment "lora-studio", run name = run id; MLflow 3 wants
+MLFLOW_ALLOW_FILE_STORE=true for it, set here and in the `open` command), wandb in offline
 mode under trackers/wandb, trackio under trackers/trackio. A variable the user already set
 (MLFLOW_TRACKING_URI, WANDB_MODE, ...) wins. status.json `trackers` maps each tracker to its
 `path` and the `open` command that shows it.
@@ -382,8 +383,12 @@ def tracker_setup(report_to: list[str], run_dir: Path) -> dict:
             os.environ.setdefault("MLFLOW_TRACKING_URI", path.resolve().as_uri())
             os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", TRACKER_PROJECT)
             uri = os.environ["MLFLOW_TRACKING_URI"]
+            # MLflow 3 keeps its file store (a plain folder, nothing to run or migrate) behind an opt-in.
+            allow = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") else ""
+            if allow:
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             out[name] = {"path": uri, "experiment": os.environ["MLFLOW_EXPERIMENT_NAME"],
-                         "open": f"mlflow ui --backend-store-uri {uri}"}
+                         "open": f"{allow}mlflow ui --backend-store-uri {uri}"}
         elif name == "wandb":
             os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless asked
             os.environ.setdefault("WANDB_DIR", str(root))  # wandb writes its own wandb/ folder in it
