@@ -58,6 +58,7 @@ def assert_same_as_peft(model_factory, settings: LoraSettings, task: str, name: 
     return ours
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(models.presets()))
 def test_count_equals_peft_on_every_preset(preset):
     task = models.resolve(preset).default_task
@@ -167,6 +168,7 @@ def test_breakdowns_add_up_and_sizes_follow_dtype():
     assert c.adapter_mb["bfloat16"] == pytest.approx(c.adapter_mb["float32"] / 2, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_sweep_covers_ranks_and_target_sets_and_grows_linearly_in_r():
     tree = model_tree("llama-3.1-70b")
     rows = lora.sweep(tree, LoraSettings())

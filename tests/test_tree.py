@@ -11,6 +11,7 @@ def _find(node, name):
     return None
 
 
+@pytest.mark.slow
 def test_405b_tree_folds_126_identical_layers():
     tree = model_tree("llama-3.1-405b")
     folded = _find(tree.nodes, "0-125")
