@@ -117,7 +117,7 @@ def main() -> None:
             raise SystemExit(f"llama.cpp failed to load or run the export:\n{child.stderr[-3000:]}")
         llama = json.loads(child.stdout.strip().splitlines()[-1])
         modelfile = Path(rep.modelfile).read_text()
-    want = transformers_answers(base, adapter, args.tokens)
+        want = transformers_answers(base, adapter, args.tokens)  # inside: a random adapter lives in tmp
     rows = ["| prompt | transformers (merged) | llama.cpp (GGUF) | same |", "| --- | --- | --- | :---: |"]
     same = 0
     for p, a, b in zip(PROMPTS, want, llama["answers"]):
