@@ -557,3 +557,93 @@ def test_evaluate_tab_says_what_is_wrong_next_to_the_button(eval_root, tmp_path)
     assert "must be an integer &gt;= 1" in out["evaluate.message"]
     assert "pick a run" in eval_tab.run_eval(eval_root, {**v, "evaluate.run": None})["evaluate.message"]
     assert not (eval_root / "chat-run" / "eval" / "answers.json").exists()
+
+
+# --- the training-memory estimate in the Model tab ---------------------------------------------
+
+def memory_values(batch=1, seq=2048, quant="none", precision="bf16", checkpointing=False, optim="adamw", gpu=24):
+    return {"model.mem_batch": batch, "model.mem_seq": seq, "model.mem_quant": quant,
+            "model.mem_precision": precision, "model.mem_checkpointing": checkpointing, "model.mem_optim": optim,
+            "model.mem_gpu": gpu}
+
+
+def _fits_row(fits_html: str) -> dict[int, bool]:
+    import re
+
+    return {int(g): ok == "true" for g, ok in re.findall(r"data-gb='(\d+)' data-fits='(\w+)'", fits_html)}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(quant="4bit", checkpointing=True, batch=4), dict(precision="fp32", seq=512)])
+def test_memory_estimate_fits_row_and_largest_batch_equal_the_engine(kw):
+    import re
+
+    from studio.models import memory
+
+    state = {"ref": "llama-3.1-8b", "task": "causal_lm", "explore_only": True}
+    keys = model_tab.load("llama-3.1-8b").tree["value"]
+    v = {**defaults(keys, r=16, alpha=32, state=state), **memory_values(**kw)}
+    out = model_tab.recount(v)
+    assert set(out) == {"model.param_count", "model.param_chart", *model_tab.MEMORY_OUT}
+    tree = model_tree("llama-3.1-8b")
+    s = LoraSettings(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    c = lora.count(tree, s)
+    o = model_tab.memory_options(v)
+    est = memory.estimate(tree, c, s, device="cuda", **o)
+    need = est.total_bytes + memory.CUDA_CONTEXT_BYTES + memory.logits_grad_bytes(tree, o["batch"], o["seq"])
+    assert f"data-bytes='{need}'" in out["model.memory_total"]
+    assert _fits_row(out["model.memory_fits"]) == {g: need <= g * memory.GIB for g in memory.GPU_SIZES_GB}
+    n = int(re.search(r"data-batch='(\d+)'", out["model.memory_fits"]).group(1))
+    kw_ = {k: o[k] for k in ("quant", "precision", "gradient_checkpointing", "optimizer")}
+    at = lambda b: memory.needed_bytes(tree, c, s, batch=b, seq=o["seq"], device="cuda", **kw_)
+    assert n == 0 or at(n) <= 24 * memory.GIB
+    assert at(n + 1) > 24 * memory.GIB  # the largest
+    # the stacked bar: weights / adapter+grads+optimizer / activations (+ the stated allowance), in GB
+    fig = json.loads(out["model.memory_chart"].plot)
+    assert [t["name"] for t in fig["data"]] == [name for name, _ in model_tab.MEMORY_PARTS]
+    bars = [t["x"][0] * memory.GIB for t in fig["data"]]
+    assert bars[:3] == pytest.approx([est.weights_bytes, est.trainable_bytes + est.gradients_bytes
+                                      + est.optimizer_bytes, est.activations_bytes])
+    assert sum(bars) == pytest.approx(need)
+
+
+def test_memory_estimate_of_an_8b_model_says_which_gpus_fit():
+    keys = model_tab.load("llama-3.1-8b").tree["value"]
+    state = {"ref": "llama-3.1-8b", "task": "causal_lm", "explore_only": True}
+    bf16 = _fits_row(model_tab.recount({**defaults(keys, state=state), **memory_values(seq=1024)})["model.memory_fits"])
+    assert not bf16[16] and bf16[40] and bf16[80]  # 16 GB of bf16 weights alone
+    q4 = _fits_row(model_tab.recount({**defaults(keys, state=state),
+                                      **memory_values(seq=1024, quant="4bit", checkpointing=True)})["model.memory_fits"])
+    assert q4[12] and not q4[8]  # QLoRA with checkpointing: a 12 GB card (bf16 embeddings and head: 2 GB)
+
+
+def test_memory_estimate_without_a_target_says_why_and_the_tab_registers_its_widgets():
+    out = model_tab.recount({**defaults([]), **memory_values()})
+    assert "No estimate" in out["model.memory_total"] and "no LoRA target" in out["model.memory_total"]
+    assert json.loads(out["model.memory_chart"].plot)["data"] == [] and out["model.memory_fits"] == ""
+    assert set(model_tab.recount(defaults(["lm_head"]))) == {"model.param_count", "model.param_chart"}
+    from studio.ui import app
+    from studio.ui.registry import Registry
+
+    with gr.Blocks():
+        ui = Registry()
+        model_tab.build(ui)
+    ids = {n: ui[n].elem_id for n in model_tab.MEMORY_FORM + model_tab.MEMORY_OUT}
+    assert ids["model.memory_chart"] == "memory-chart" and ids["model.memory_fits"] == "memory-fits"
+    assert ids["model.mem_gpu"] == "memory-gpu" and len(set(ids.values())) == len(ids)
+    assert set(model_tab.MEMORY_FORM) <= set(app.COUNT_IN) and set(model_tab.MEMORY_OUT) <= set(app.COUNT_OUT)
+
+
+def test_memory_estimate_of_405b_keeps_up_with_the_sliders():
+    import time
+
+    state = {"ref": "llama-3.1-405b", "task": "causal_lm", "explore_only": True}
+    keys = model_tab.load("llama-3.1-405b").tree["value"]
+    sel = model_tab.selection(defaults(keys, state=state))
+    sel.checked()  # the count's own cost is the count's test
+    model_tab.memory_view(sel, memory_values())
+    times = []
+    for i in range(5):
+        t = time.process_time()
+        model_tab.memory_view(sel, memory_values(batch=1 + i, checkpointing=bool(i % 2)))
+        times.append(time.process_time() - t)
+    assert min(times) < 0.020, times

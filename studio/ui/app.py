@@ -98,13 +98,14 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
         load = ui.on(demo.load, _on_page_load(root), ["model.state"],
                      ["model.module_tree", "model.target_types", "model.summary", "model.state", "train.live"],
                      api_name="page_load", **LIGHT)
-        load = ui.on(load.then, model_tab.recount, model_tab.LORA_FORM, COUNT_OUT, **LIGHT)
+        load = ui.on(load.then, model_tab.recount, COUNT_IN, COUNT_OUT, **LIGHT)
         load = ui.on(load.then, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT)
         _gate(ui, root, load.then)
     return demo
 
 
-COUNT_OUT = ("model.param_count", "model.param_chart")
+COUNT_IN = model_tab.LORA_FORM + model_tab.MEMORY_FORM
+COUNT_OUT = ("model.param_count", "model.param_chart") + model_tab.MEMORY_OUT
 PREVIEW_IN = ("data.dataset_select", "data.data_format", "data.max_length", "data.packing", "data.train_on_prompt",
               "model.state")
 PREVIEW_OUT = ("data.dataset_preview", "data.data_info", "data.dataset_tokens")
@@ -155,11 +156,13 @@ def _wire_model(ui: Registry, root: Path):
     for name in model_tab.LORA_FORM:
         if name != "model.state":  # a new state only comes from a load, which recounts itself
             _recount_on(ui, root, ui[name].change)
+    for name in model_tab.MEMORY_FORM:  # the estimate's own inputs: nothing a run is started with
+        ui.on(ui[name].change, model_tab.recount, COUNT_IN, COUNT_OUT, **LIGHT)
 
 
 def _recount_on(ui: Registry, root: Path, event):
     """Recount, then re-ask whether the form can start."""
-    _gate(ui, root, ui.on(event, model_tab.recount, model_tab.LORA_FORM, COUNT_OUT, **LIGHT).then)
+    _gate(ui, root, ui.on(event, model_tab.recount, COUNT_IN, COUNT_OUT, **LIGHT).then)
 
 
 # --- data ----------------------------------------------------------------------------------
