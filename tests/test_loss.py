@@ -21,6 +21,7 @@ def _batch(vocab: int = 256, b: int = 3, t: int = 24, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ref,targets", [("tiny-llama", ["q_proj", "v_proj"]), ("tiny-gpt2", ["c_attn"])])
 @pytest.mark.parametrize("items", [None, 40])
 def test_equals_the_models_own_loss_and_gradients(ref, targets, items):

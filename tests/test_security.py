@@ -105,6 +105,7 @@ def routes(route_list, prefix=""):
 
 # --- binding and launch settings --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_default_bind_is_loopback_only(server):
     port = server["port"]
     listening = [c.laddr for c in psutil.Process().net_connections("inet")
@@ -199,6 +200,7 @@ def fill(path: str, server) -> str:
     return re.sub(r"\{([^}:]+)(:path)?\}", lambda m: values.get(m.group(1), "x"), path)
 
 
+@pytest.mark.slow
 def test_every_route_refuses_without_credentials(server):
     port, app = server["port"], server["demo"].server_app
     found = list(routes(app.routes))
@@ -229,6 +231,7 @@ def test_every_route_refuses_without_credentials(server):
     assert status == 200 and "No run yet" in json.loads(text)["status"]
 
 
+@pytest.mark.slow
 def test_login_page_describes_nothing_of_the_app(server):
     status, _, page = request(server["port"], "GET", "/")
     assert status == 200 and '"auth_required":true' in page.replace(" ", "")
@@ -241,6 +244,7 @@ def test_login_page_describes_nothing_of_the_app(server):
     assert status == 400
 
 
+@pytest.mark.slow
 def test_api_client_with_credentials_works_and_without_is_refused(server):
     from gradio_client import Client
 
@@ -310,6 +314,7 @@ def traversal_probes(server) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_path_traversal_never_returns_a_file_outside_runs_and_cache(server):
     port, cookie = server["port"], server["cookie"]
     secret_env = os.environ.get("STUDIO_AUTH", "")
@@ -336,6 +341,7 @@ def upload(server, name: str, data: bytes) -> list[str]:
     return json.loads(text)
 
 
+@pytest.mark.slow
 def test_uploads_over_the_limit_are_refused(server):
     boundary = uuid.uuid4().hex
     big = b'{"text": "' + b"x" * int(1.5 * 2**20) + b'"}\n'
@@ -378,6 +384,7 @@ def file_data(path: str, name: str) -> dict:
     return {"path": path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
 
 
+@pytest.mark.slow
 def test_upload_names_cannot_escape_the_upload_folder(server):
     cache, root, tmp = server["cache"].resolve(), server["root"], server["tmp"]
     good = b'{"text": "hello"}\n{"text": "world"}\n'
@@ -599,6 +606,7 @@ def test_gradio_floor_excludes_releases_with_known_cves():
     assert spec.contains(gr.__version__) and Version(gr.__version__) >= Version("6.16")
 
 
+@pytest.mark.slow
 def test_launch_calms_gradios_idle_queue_loop(server):
     """launch() slows the queue's idle polling (1 ms -> 20 ms); if gradio renames the knobs, this says so."""
     q = server["demo"]._queue
