@@ -647,3 +647,14 @@ def test_memory_estimate_of_405b_keeps_up_with_the_sliders():
         model_tab.memory_view(sel, memory_values(batch=1 + i, checkpointing=bool(i % 2)))
         times.append(time.process_time() - t)
     assert min(times) < 0.020, times
+
+
+def test_start_is_disabled_with_the_numbers_when_the_run_will_not_fit(tmp_path, monkeypatch):
+    from studio.runs import preflight as pf
+
+    monkeypatch.setenv(pf.MEMORY_ENV, str(2**20))
+    form = train_tab.form_for("tiny-llama")
+    reason = train_tab.refusal(form)
+    assert reason.startswith("will not fit: the memory estimate is") and "against 1.0 MB (STUDIO_MEMORY_LIMIT_BYTES)" in reason
+    view = train_tab.phase_view(tmp_path / "runs", {**form, "train.live": None})
+    assert view["train.train_start"]["interactive"] is False and "will not fit" in view["train.start_reason"]
