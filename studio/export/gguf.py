@@ -9,7 +9,7 @@ the same code as `studio merge` (studio.export.merge), permuted or transposed th
 llama.cpp expects, packed and appended, one at a time. So a model is never in memory whole,
 and no merged folder is written on the way.
 
-Per architecture (llama.cpp's convert_hf_to_gguf.py is the reference):
+Per architecture (the table is in studio/export/gguf_arch.py; llama.cpp's convert_hf_to_gguf.py is the reference):
 - Llama / Mistral: q_proj and k_proj rows are permuted from Hugging Face's rotate-half layout
   to llama.cpp's interleaved one; `vocab_size` and `rope.dimension_count` are written.
 - Qwen2 / Qwen3: no permutation (NeoX rope); Qwen3's q/k norms map to attn_q_norm/attn_k_norm.
