@@ -1,3 +1,5 @@
+import pytest
+
 from studio.models.tree import model_tree, render
 
 
