@@ -229,28 +229,12 @@ class Playground:
         args = (max_new_tokens, temperature, top_p, seed, template)
         columns = ["base", *names]
         texts = [self._texts(self._steps(prompt, False if c == "base" else c, *args)) for c in columns]
-        for row in self._interleave_many(texts):
+        for row in self._interleave(texts):
             yield dict(zip(columns, row))
 
     @staticmethod
-    def _interleave(texts: list[Iterator[str]]) -> Iterator[tuple[str, str]]:
-        cur, live, shown = ["", ""], [True, True], None
-        while any(live):
-            for i in (0, 1):
-                for _ in range(SIDE_BY_SIDE_CHUNK if live[i] else 0):
-                    nxt = next(texts[i], None)
-                    if nxt is None:
-                        live[i] = False
-                        break
-                    cur[i] = nxt
-                if (cur[0], cur[1]) != shown:
-                    shown = (cur[0], cur[1])
-                    yield shown
-        if shown is None:
-            yield "", ""
-
-    @staticmethod
-    def _interleave_many(texts: list[Iterator[str]]) -> Iterator[tuple[str, ...]]:
+    def _interleave(texts: list[Iterator[str]]) -> Iterator[tuple[str, ...]]:
+        """The texts so far, as a tuple, a few tokens of each in turn (one per column)."""
         cur, live, shown = [""] * len(texts), [True] * len(texts), None
         while any(live):
             for i in range(len(texts)):
