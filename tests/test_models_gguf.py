@@ -145,6 +145,7 @@ def _fake_conversion(monkeypatch, ref: str):
     return model
 
 
+@pytest.mark.slow
 def test_writer_keeps_tied_weights_once_and_the_folder_loads_the_same_model(tmp_path, monkeypatch):
     model = _fake_conversion(monkeypatch, "tiny-gpt2")  # tied embeddings
     src = write_gguf(tmp_path / "m.gguf")
@@ -167,6 +168,7 @@ def test_writer_keeps_tied_weights_once_and_the_folder_loads_the_same_model(tmp_
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+@pytest.mark.slow
 def test_interrupted_conversion_leaves_nothing_that_looks_usable(tmp_path, monkeypatch):
     _fake_conversion(monkeypatch, "tiny-llama")
     src = write_gguf(tmp_path / "m.gguf")
