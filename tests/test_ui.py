@@ -373,7 +373,8 @@ def test_widgets_start_at_the_config_defaults_and_a_model_brings_its_starter_set
 
     # picking a model in the dropdown shows its starter settings, every one a registered output
     mini = app.pick_model({"model.model_select": "minilm-l6", "model.trust_remote_code": False})
-    assert set(mini) == set(app.LOAD_OUT + train_tab.SETTINGS_FORM)
+    assert set(mini) == set(app.LOAD_OUT + train_tab.SETTINGS_FORM + ("data.picked",))
+    assert mini["data.picked"]["data.dataset_select"] == mini["data.dataset_select"]
     assert mini["train.learning_rate"] == 1e-3 and mini["data.max_length"] == 128 and mini["model.task"] == "seq_cls"
     assert mini["data.dataset_select"] == data_tab.default_dataset("seq_cls")
     assert mini["model.module_tree"]["value"] == ["bert.encoder.layer.0-5.attention.self.query",
@@ -517,13 +518,14 @@ def eval_root(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # trains a few tiny-llama steps, then generates with base and tuned
 def test_evaluate_tab_shows_metrics_examples_and_brings_saved_results_back(eval_root):
     from studio import evaluate as ev
     from studio.ui.tabs import evaluate as eval_tab
 
     assert "chat-run" in eval_tab.usable_runs(eval_root) and "no-adapter" not in eval_tab.usable_runs(eval_root)
     seen = []
-    v = {"evaluate.run": "chat-run", "evaluate.data": eval_tab.HELDOUT, "evaluate.limit": None,
+    v = {"evaluate.run": "chat-run", "evaluate.data": eval_tab.HELDOUT, "evaluate.limit": 0,
          "evaluate.max_new_tokens": 8}
     out = eval_tab.run_eval(eval_root, v, progress=lambda f, desc="": seen.append((f, desc)))
     saved = ev.read_eval(eval_root / "chat-run", ev.HELDOUT)
@@ -542,6 +544,7 @@ def test_evaluate_tab_shows_metrics_examples_and_brings_saved_results_back(eval_
     assert again["evaluate.table"] == table and again["evaluate.examples"] == examples
 
 
+@pytest.mark.slow  # trains a few tiny-llama steps, then generates with base and tuned
 def test_evaluate_tab_says_what_is_wrong_next_to_the_button(eval_root, tmp_path):
     from studio.ui.tabs import evaluate as eval_tab
 
@@ -553,10 +556,26 @@ def test_evaluate_tab_says_what_is_wrong_next_to_the_button(eval_root, tmp_path)
     answers.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
     out = eval_tab.run_eval(eval_root, {**v, "evaluate.run": "chat-run", "evaluate.data": str(answers)})
     assert "class='bad'" in out["evaluate.message"] and "no usable prompts" in out["evaluate.message"]
-    out = eval_tab.run_eval(eval_root, {**v, "evaluate.run": "chat-run", "evaluate.limit": 0})
-    assert "must be an integer &gt;= 1" in out["evaluate.message"]
+    out = eval_tab.run_eval(eval_root, {**v, "evaluate.run": "chat-run", "evaluate.limit": -2})
+    assert "must be an integer &gt;= 1, got -2" in out["evaluate.message"]
     assert "pick a run" in eval_tab.run_eval(eval_root, {**v, "evaluate.run": None})["evaluate.message"]
+    assert "train one on the Train tab" in eval_tab.show_saved(tmp_path, None, None)["evaluate.message"]
     assert not (eval_root / "chat-run" / "eval" / "answers.json").exists()
+
+
+def test_evaluate_tables_of_a_classifier_show_accuracy_f1_and_the_confusion_matrix():
+    from studio import evaluate as ev
+    from studio.ui.tabs import evaluate as eval_tab
+
+    gold, base, tuned = ["pos", "neg", "neg", "pos"], ["pos", "pos", "pos", "pos"], ["pos", "neg", "neg", "neg"]
+    res = {"name": "sentiment", "n": 4, "data": "x.jsonl",
+           "metrics": {"base": ev.classification_metrics(gold, base, ["neg", "pos"]),
+                       "tuned": ev.classification_metrics(gold, tuned, ["neg", "pos"])}}
+    table = eval_tab.metrics_html(res)
+    assert "<td class='ev-base'>50.0%</td><td class='ev-tuned'>75.0%</td>" in table and "+25.0 pt" in table
+    assert "data-metric='macro_f1'" in table and "data-metric='exact_match'" not in table
+    assert "<tr><th>neg</th><td>2</td><td>0</td></tr>" in table  # tuned: both negatives right
+    assert "<tr><th>neg</th><td>0</td><td>2</td></tr>" in table  # base: both called positive
 
 
 # --- the training-memory estimate in the Model tab ---------------------------------------------
@@ -658,3 +677,121 @@ def test_start_is_disabled_with_the_numbers_when_the_run_will_not_fit(tmp_path, 
     assert reason.startswith("will not fit: the memory estimate is") and "against 1.0 MB (STUDIO_MEMORY_LIMIT_BYTES)" in reason
     view = train_tab.phase_view(tmp_path / "runs", {**form, "train.live": None})
     assert view["train.train_start"]["interactive"] is False and "will not fit" in view["train.start_reason"]
+
+
+# --- Export tab: GGUF and merged downloads ---------------------------------------------------
+
+from pathlib import Path  # noqa: E402  (the export tests' own import, kept with them)
+
+
+def gguf_values(**kw):
+    from studio.ui.tabs import export as export_tab
+
+    return {"export.run": "chat-run", "export.format": export_tab.GGUF, "export.quant": "f16",
+            "export.ollama": False, **kw}
+
+
+def test_export_tab_is_wired_with_its_ids(tmp_path):
+    from studio.ui import app
+    from studio.ui.tabs import export as export_tab
+
+    demo = app.build_app(tmp_path)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"export-format", "export-quant", "export-gguf", "export-report", "download-gguf", "merge-btn",
+            "merge-report", "download-adapter", "download-merged", "export-message"} <= ids
+    assert {"merge", "export_gguf"} <= {d.api_name for d in demo.fns.values()}
+    assert _by_id(demo, "export-format").value == export_tab.MERGED and _by_id(demo, "export-gguf").visible is False
+    assert _by_id(demo, "merge-dtype").value == "auto"  # the merge keeps the base's own dtype unless asked
+    # a LoRA GGUF offers only what llama.cpp's adapter loader reads; the quant picked stays when allowed
+    lora_fmt = export_tab.format_changed(export_tab.LORA_GGUF, "q4_0")
+    assert [c[0] for c in lora_fmt["export.quant"]["choices"]] == ["f16", "bf16", "q8_0", "f32"]
+    assert lora_fmt["export.quant"]["value"] == "f16" and lora_fmt["export.ollama"]["visible"] is False
+    merged = export_tab.format_changed(export_tab.GGUF, "q4_0")
+    assert merged["export.quant"]["value"] == "q4_0" and merged["export.gguf_btn"]["visible"] is True
+    assert merged["export.merge_btn"]["visible"] is False
+    back = export_tab.format_changed(export_tab.MERGED, "q4_0")
+    assert back["export.merge_btn"]["visible"] is True and back["export.quant"]["visible"] is False
+
+
+def test_export_tab_writes_a_verified_gguf_with_its_modelfile_and_download(eval_root):
+    from studio.export import gguf_verify
+    from studio.ui.tabs import export as export_tab
+
+    seen = []
+    out = export_tab.gguf_view(eval_root, gguf_values(**{"export.ollama": True}),
+                               progress=lambda f, desc="": seen.append((f, desc)))
+    path = Path(out["export.download_gguf"]["value"])
+    assert path == eval_root / "chat-run" / "exports" / "chat-run-f16.gguf" and path.is_file()
+    assert out["export.download_gguf"]["interactive"] is True and "wrote chat-run-f16.gguf" in out["export.gguf_message"]
+    assert seen and seen[-1][1] == "verifying with an independent reader" and all(d <= t for (d, t), _ in seen)
+    report = out["export.export_report"]
+    assert "tokenizer round trip</th><td>✔" in report
+    agreement = float(report.split("<b class='gagree'>")[1].split("%")[0]) / 100
+    assert agreement >= gguf_verify.AGREEMENT["f16"]
+    assert float(report.split("<b class='gdiff'>")[1].split("<")[0]) < 0.5
+    modelfile = path.parent / "Modelfile"
+    assert modelfile.is_file() and "FROM ./chat-run-f16.gguf" in modelfile.read_text()
+    assert "ollama create chat-run -f Modelfile" in report and "ollama run chat-run" in report
+
+
+def test_export_tab_writes_an_adapter_gguf_and_shows_a_big_file_as_its_path(eval_root, monkeypatch):
+    from studio.ui.tabs import export as export_tab
+
+    monkeypatch.setattr(export_tab, "GGUF_LIMIT_MB", 0)
+    out = export_tab.gguf_view(eval_root, gguf_values(**{"export.format": export_tab.LORA_GGUF,
+                                                         "export.quant": "q8_0"}))
+    path = eval_root / "chat-run" / "exports" / "chat-run-lora-q8_0.gguf"
+    assert path.is_file() and out["export.download_gguf"]["interactive"] is False
+    report = out["export.export_report"]
+    assert html_escape(str(path)) in report and "larger than 0 MB: use the file above directly" in report
+    assert float(report.split("<b class='gdelta'>")[1].split("<")[0]) < 3e-2  # the q8_0 tolerance
+
+
+def html_escape(s):
+    import html
+
+    return html.escape(s)
+
+
+def test_export_tab_says_what_is_wrong_next_to_the_button(eval_root):
+    from studio.ui.tabs import export as export_tab
+
+    out = export_tab.gguf_view(eval_root, gguf_values(**{"export.run": "no-adapter"}))
+    assert "class='bad'" in out["export.gguf_message"] and "has no final adapter yet" in out["export.gguf_message"]
+    assert out["export.download_gguf"]["interactive"] is False and out["export.export_report"] == ""
+    out = export_tab.gguf_view(eval_root, gguf_values(**{"export.format": export_tab.LORA_GGUF,
+                                                         "export.quant": "q4_0"}))
+    assert "quant type &#x27;q4_0&#x27; is not one of: f16, bf16, q8_0, f32" in out["export.gguf_message"]
+    assert "pick a run" in export_tab.gguf_view(eval_root, gguf_values(**{"export.run": None}))["export.gguf_message"]
+    out = export_tab.gguf_view(eval_root, gguf_values(**{"export.format": export_tab.MERGED}))
+    assert "is not a GGUF one" in out["export.gguf_message"]
+    assert not list((eval_root / "no-adapter").glob("exports/*.gguf"))
+
+
+def test_merged_model_is_offered_as_its_files_without_a_zip(eval_root, monkeypatch):
+    from safetensors import safe_open
+
+    from studio.ui.tabs import export as export_tab
+
+    report, files = export_tab.merge(eval_root, "chat-run", "auto", False)
+    run = eval_root / "chat-run"
+    names = [Path(f).name for f in files]
+    assert names[0] == "model.safetensors" and "config.json" in names and "tokenizer_config.json" in names
+    assert not list(run.glob("exports/*merged*.zip"))
+    shown = export_tab.merged_downloads(files)
+    assert shown["export.download_merged"]["value"] == str(run / "merged" / "model.safetensors")
+    assert shown["export.download_merged"]["interactive"] is True
+    # "auto" keeps the base's own dtype (tiny-llama is float32 on disk here; bf16 bases stay bf16)
+    base_dtype = json.loads((run / "merged" / "config.json").read_text()).get("dtype") or "float32"
+    with safe_open(str(run / "merged" / "model.safetensors"), "pt") as f:
+        assert str(f.get_tensor(next(iter(f.keys()))).dtype).endswith(base_dtype.replace("torch.", ""))
+    monkeypatch.setattr(export_tab, "MERGED_LIMIT_MB", 0)
+    assert export_tab.merged_files(run / "merged") == []
+    off = export_tab.merged_downloads([])
+    assert off["export.download_merged"]["interactive"] is False and off["export.merged_files"]["value"] is None
+    assert "use the folder above directly" in export_tab.report_html({**_merge_dict(run), "out": str(run)}, True)
+
+
+def _merge_dict(run):
+    return {"out": str(run / "merged"), "tensors_merged": 1, "tensors_copied": 1, "size_mb": 1.0, "shards": 1,
+            "dtype": "float32", "seconds": 0.1, "peak_rss_mb": 1.0}

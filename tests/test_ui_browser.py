@@ -20,24 +20,41 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 
 
+def _serving(proc, port, log_path, timeout=180) -> bool:
+    """True once the server answers on `port` and has passed gradio's own start-up check."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if "Running on" in log_path.read_text():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                time.sleep(20)  # gradio's check of itself: up to 5 tries of 3 s
+                return proc.poll() is None
+            except OSError:
+                pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server did not start within {timeout} s: {log_path.read_text()[-2000:]}")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, free_port):
     runs = tmp_path_factory.mktemp("runs")
-    port = free_port()
-    log = open(runs.parent / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs-dir", str(runs)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    log_path = runs.parent / "server.log"
+    log = open(log_path, "w")
+    # tiny-llama, not the studio's opening SmolLM2: its first use converts a GGUF (tens of seconds)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "STUDIO_UI_MODEL": "tiny-llama"}
+    # gradio's launch asks its own page for a response within 3 s and exits when none comes; on a
+    # machine this busy that can miss, so a server that exits that way is started again.
+    for attempt in range(3):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs-dir", str(runs)],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if _serving(proc, port, log_path):
             break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(runs.parent / 'server.log').read_text()[-2000:]}") from None
-            time.sleep(0.5)
-    yield url, runs
+        if "localhost is not accessible" not in log_path.read_text() or attempt == 2:
+            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+    yield f"http://127.0.0.1:{port}", runs
     proc.terminate()
     try:
         proc.wait(10)
@@ -116,7 +133,21 @@ def test_point_and_click_fine_tune_merge_and_download(server, page):
     page.get_by_role("tab", name="Data").click()
     page.wait_for_selector("#dataset-preview table")
     assert "format alpaca" in page.locator("#data-info").inner_text().replace("*", "")
+    # the examples as the trainer reads them: the answers (and the EOS) trained, the prompt masked
+    page.wait_for_selector("#dataset-tokens .tk-seq")
+    tokens = page.locator("#dataset-tokens")
+    assert tokens.locator(".tk-on").count() and tokens.locator("[data-trained='0'][data-kind='prompt']").count()
+    assert tokens.locator("[data-kind='special'][data-trained='1']").count()  # the EOS that teaches stopping
+    assert "### Response:" in "".join(tokens.locator(".tk-seq").first.locator("[data-trained='0']").all_inner_texts())
     _shot(page, "data")
+    # a chat dataset: the user turns masked, the assistant's answers trained
+    _pick(page, "dataset-select", "messages, 480 rows")
+    _wait(lambda: tokens.locator("[data-kind='user'][data-trained='0']").count()
+          and tokens.locator("[data-kind='assistant'][data-trained='1']").count(), timeout=60)
+    assert "format messages" in page.locator("#data-info").inner_text().replace("*", "")
+    _shot(page, "data-chat")
+    _pick(page, "dataset-select", "instructions")
+    _wait(lambda: "format alpaca" in page.locator("#data-info").inner_text().replace("*", ""), timeout=60)
 
     page.get_by_role("tab", name="Train").click()
     steps = page.get_by_label("max_steps")
@@ -193,6 +224,34 @@ def test_playground_and_analysis_on_the_trained_run(server, page):
     _wait(lambda: "mean φ(1,1)" in page.locator("#analysis-summary").inner_text(), timeout=120)
     assert "mean φ(1,1) = 1.000" in page.locator("#analysis-summary").inner_text()  # a run with itself
     _shot(page, "analysis")
+
+
+def test_evaluate_the_trained_run_and_see_it_again_after_a_reload(server, page):
+    """Runs after the fine-tune above: base vs tuned on the run's held-out split."""
+    url, runs = server
+    page.goto(url)
+    page.wait_for_selector("#module-tree input[data-leaf]")
+    page.get_by_role("tab", name="Evaluate").click()
+    _wait(lambda: page.locator("#eval-run input").input_value(), timeout=60)
+    limit = page.locator("#eval-limit input")
+    limit.fill("4")
+    limit.press("Tab")
+    page.locator("#eval-start").click()
+    _wait(lambda: page.locator("#eval-table [data-metric='exact_match']").count(), timeout=180)
+    for key in ("exact_match", "rouge_l", "loss"):
+        assert page.locator(f"#eval-table [data-metric='{key}'] .ev-tuned").inner_text().strip()
+    rows = page.locator("#eval-examples tr")
+    assert rows.count() == 4 + 1
+    assert "saved as eval/heldout.json" in page.locator("#eval-message").inner_text()
+    run_dir = next(p for p in runs.iterdir() if (p / "config.yaml").is_file())
+    assert (run_dir / "eval" / "heldout.json").is_file()
+    _shot(page, "evaluate")
+    # a new page: picking the run shows the saved result, nothing is computed again
+    page.reload()
+    page.wait_for_selector("#module-tree input[data-leaf]")
+    page.get_by_role("tab", name="Evaluate").click()
+    _wait(lambda: page.locator("#eval-examples tr").count() == 5, timeout=60)
+    assert "saved result heldout" in page.locator("#eval-message").inner_text()
 
 
 def _pick(page, dropdown_id, text):

@@ -56,7 +56,9 @@ CSS = """
 .tk-pad { color: #9ca3af; background: #f3f4f6; font-style: italic; }
 .tk-warn { color: #b45309; background: #fffbeb; padding: 6px 8px; border-radius: 6px; margin: 4px 0; }
 .ev-table td, .ev-table th { padding: 2px 14px 2px 0; text-align: left; } .ev-up { color: #15803d; } .ev-down { color: #b91c1c; }
-.ev-examples { font-size: 12px; } .ev-examples td { vertical-align: top; white-space: pre-wrap; padding: 3px 6px; }
+.ev-examples { font-size: 12px; table-layout: fixed; width: 100%; }
+.ev-examples td { vertical-align: top; white-space: pre-wrap; overflow-wrap: anywhere; padding: 3px 6px; }
+.ev-examples th:first-child { width: 2.5em; }
 .ev-hit { background: #dcfce7; } .ev-head { font-weight: 600; margin-bottom: 4px; }
 """
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
@@ -123,10 +125,17 @@ def _on_page_load(root: Path):
 
 
 def pick_model(v) -> dict:
-    """A model picked (or Load pressed): its tree and default ticks, and the form at its starter settings."""
+    """A model picked (or Load pressed): its tree and default ticks, and the form at its starter settings
+    (also kept in data.picked, for the preview that follows: see _wire_model)."""
     out = model_tab.load_view(v["model.model_select"], None, v["model.trust_remote_code"])
     state = out["model.state"]
-    return {**out, **train_tab.model_settings(state["ref"], state["task"])}
+    settings = train_tab.model_settings(state["ref"], state["task"])
+    return {**out, **settings, "data.picked": {k: settings[k] for k in PREVIEW_IN if k in settings}}
+
+
+def preview_after_pick(v) -> dict:
+    """The Data tab's preview for the model just picked, with the dataset settings it brought."""
+    return data_tab.preview_view({**v, **(v["data.picked"] or {})})
 
 
 def pick_task(v) -> dict:
@@ -138,10 +147,13 @@ def _wire_model(ui: Registry, root: Path):
     pick_in = ["model.model_select", "model.trust_remote_code"]
     for event, extra in ((ui["model.model_load"].click, dict(api_name="load_model")),
                          (ui["model.model_select"].select, {})):
-        picked = ui.on(event, pick_model, pick_in, LOAD_OUT + train_tab.SETTINGS_FORM, **extra, **LIGHT)
+        picked = ui.on(event, pick_model, pick_in, LOAD_OUT + train_tab.SETTINGS_FORM + ("data.picked",), **extra,
+                       **LIGHT)
         _recount_on(ui, root, picked.then)
-        # Token statistics and the token view belong to the model's tokenizer: redo them for the new one.
-        ui.on(picked.then, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT)
+        # Token statistics and the token view belong to the model's tokenizer: redo them for the new
+        # one, also when the dataset stays. The dataset settings come from the pick's own state: the
+        # dropdowns' values a following event reads can still be the ones before the pick.
+        ui.on(picked.then, preview_after_pick, PREVIEW_IN + ("data.picked",), PREVIEW_OUT, **LIGHT)
     _recount_on(ui, root, ui.on(ui["model.task"].input, pick_task, pick_in + ["model.task"], LOAD_OUT, **LIGHT).then)
     # Ticking it explains it; the model loads with it on the next Load (nothing runs on a tick).
     ui.on(ui["model.trust_remote_code"].change, model_tab.trust_changed, ["model.trust_remote_code"],
@@ -168,9 +180,14 @@ def _recount_on(ui: Registry, root: Path, event):
 # --- data ----------------------------------------------------------------------------------
 
 def _wire_data(ui: Registry, root: Path):
-    for name in ("data.dataset_select", "data.data_format", "data.max_length", "data.packing", "data.train_on_prompt"):
-        _gate(ui, root, ui.on(ui[name].change, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT).then)
-    for name in ("data.eval_fraction",):
+    _gate(ui, root, ui.on(ui["data.dataset_select"].change, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT,
+                          **LIGHT).then)
+    # The other settings redo the preview on the user's own edits only: a model pick sets them all
+    # at once, and a change event of one can read the dataset list's value from before the pick
+    # (the pick redoes the preview itself, from what it set).
+    for name in ("data.data_format", "data.max_length", "data.packing", "data.train_on_prompt"):
+        ui.on(ui[name].input, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT)
+    for name in ("data.data_format", "data.max_length", "data.packing", "data.train_on_prompt", "data.eval_fraction"):
         _gate(ui, root, ui[name].change)
 
     def uploaded(v):
@@ -242,29 +259,37 @@ def _wire_export(ui: Registry, root: Path):
         return {"export.run": gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))}
 
     ui.on(ui["export.tab"].select, refresh, ["export.run"], ["export.run"], **LIGHT)
+    merged_out = ["export.download_merged", "export.merged_files"]
 
     def prepare_adapter(v):
         run_id = v["export.run"]
         if not run_id:
             off = gr.update(value=None, interactive=False)
-            return {"export.download_adapter": off, "export.download_merged": off}
-        merged = runs.RunDir(runs_tab.run_folder(root, run_id)).merged_zip
+            return {"export.download_adapter": off, "export.download_merged": off, "export.merged_files": None}
+        merged = runs.RunDir(runs_tab.run_folder(root, run_id)).merged
         return {"export.download_adapter": gr.update(value=export_tab.adapter_zip(root, run_id), interactive=True),
-                "export.download_merged": gr.update(value=str(merged) if merged.is_file() else None,
-                                                    interactive=merged.is_file())}
+                **export_tab.merged_downloads(export_tab.merged_files(merged))}
 
-    ui.on(ui["export.run"].change, prepare_adapter, ["export.run"],
-          ["export.download_adapter", "export.download_merged"], **LIGHT)
+    ui.on(ui["export.run"].change, prepare_adapter, ["export.run"], ["export.download_adapter", *merged_out], **LIGHT)
 
     def do_merge(v, progress=gr.Progress()):
         if not v["export.run"]:
             raise gr.Error("pick a run with a final adapter first", print_exception=False)
-        report, zip_path = export_tab.merge(root, v["export.run"], v["export.dtype"], v["export.verify"], progress)
-        return {"export.merge_report": report,
-                "export.download_merged": gr.update(value=zip_path, interactive=zip_path is not None)}
+        report, files = export_tab.merge(root, v["export.run"], v["export.dtype"], v["export.verify"], progress)
+        return {"export.merge_report": report, **export_tab.merged_downloads(files)}
 
     ui.on(ui["export.merge_btn"].click, do_merge, ["export.run", "export.dtype", "export.verify"],
-          ["export.merge_report", "export.download_merged"], api_name="merge", **HEAVY)
+          ["export.merge_report", *merged_out], api_name="merge", **HEAVY)
+
+    ui.on(ui["export.format"].change, lambda v: export_tab.format_changed(v["export.format"], v["export.quant"]),
+          ["export.format", "export.quant"],
+          ["export.quant", "export.ollama", "export.dtype", "export.merge_btn", "export.gguf_btn"], **LIGHT)
+
+    def do_gguf(v, progress=gr.Progress()):
+        return export_tab.gguf_view(root, v, progress)
+
+    ui.on(ui["export.gguf_btn"].click, do_gguf, ["export.run", "export.format", "export.quant", "export.ollama"],
+          ["export.gguf_message", "export.export_report", "export.download_gguf"], api_name="export_gguf", **HEAVY)
 
 
 # --- playground ----------------------------------------------------------------------------

@@ -263,6 +263,7 @@ def build(ui: Registry, runs_dir: Path, d: DataConfig | None = None) -> None:
         c["train_on_prompt"] = gr.Checkbox(d.train_on_prompt, label="train_on_prompt", info=DATA_HELP["train_on_prompt"])
     c["data_info"] = gr.Markdown(elem_id="data-info")
     c["dataset_tokens"] = gr.HTML(elem_id="dataset-tokens", label="What the trainer sees")
+    c["picked"] = gr.State({})  # the dataset settings the last model pick brought (studio/ui/app.py)
     c["dataset_preview"] = gr.Dataframe(elem_id="dataset-preview", label="First rows", wrap=True, max_height=360,
                                         interactive=False)
     ui.add("data", **c)

@@ -67,7 +67,19 @@ def metrics_html(result: dict) -> str:
     head = (f"<div class='ev-head'>{html.escape(str(result.get('name')))}: {result.get('n')} examples of "
             f"{html.escape(str(result.get('data')))}</div>")
     return (head + "<table class='ev-table'><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"
-            + "".join(rows) + "</table>")
+            + "".join(rows) + "</table>" + "".join(_confusion(m.get(w), w) for w in ("base", "tuned")))
+
+
+def _confusion(metrics: dict | None, who: str) -> str:
+    """A classifier's confusion matrix (rows gold, columns predicted), as studio eval saves it."""
+    cm = (metrics or {}).get("confusion_matrix")
+    if not cm:
+        return ""
+    labels = [html.escape(str(x)) for x in cm["labels"]]
+    body = "".join(f"<tr><th>{lab}</th>" + "".join(f"<td>{n}</td>" for n in row) + "</tr>"
+                   for lab, row in zip(labels, cm["matrix"]))
+    return (f"<table class='ev-table ev-cm' data-model='{who}'><tr><th>{who}: gold \\ predicted</th>"
+            + "".join(f"<th>{lab}</th>" for lab in labels) + "</tr>" + body + "</table>")
 
 
 def examples_html(result: dict, limit: int = 200) -> str:
@@ -94,6 +106,9 @@ def _text(v) -> str:
     return html.escape(s if len(s) <= 600 else s[:600] + "…")
 
 
+NO_RUNS = "no run with an adapter yet: train one on the Train tab, then evaluate it here"
+
+
 def saved(runs_dir: Path, run_id: str | None) -> list[str]:
     """The names of a run's saved evaluations, newest first."""
     from studio.evaluate import list_evals
@@ -115,7 +130,8 @@ def show_saved(runs_dir: Path, run_id: str | None, name: str | None) -> dict[str
     out = {"evaluate.saved": gr.update(choices=names, value=name)}
     if name is None:
         return {**out, "evaluate.table": "", "evaluate.examples": "",
-                "evaluate.message": message_html("no saved evaluation for this run yet" if run_id else "")}
+                "evaluate.message": message_html("no saved evaluation for this run yet: press Evaluate" if run_id
+                                                 else NO_RUNS if not usable_runs(runs_dir) else "")}
     try:
         res = read_eval(run_folder(runs_dir, run_id), name)
     except StudioError as e:
@@ -138,7 +154,8 @@ def run_eval(runs_dir: Path, v: Mapping[str, Any], progress=None) -> dict[str, A
             progress(done / max(total, 1), desc=f"{phase}: {done} of {total}")
 
     try:
-        limit = None if v["evaluate.limit"] in (None, "") else int(v["evaluate.limit"])
+        # The browser shows an empty number box as 0: 0 means all here (studio eval refuses --limit 0).
+        limit = None if v["evaluate.limit"] in (None, "", 0) else int(v["evaluate.limit"])
         res = evaluate(run_folder(runs_dir, run_id), v["evaluate.data"] or None, limit=limit,
                        max_new_tokens=int(v["evaluate.max_new_tokens"]), progress=report)
     except StudioError as e:
@@ -165,12 +182,12 @@ def build(runs_dir: Path) -> SimpleNamespace:
                               info="the run's own held-out rows, or a file in any format the Data tab reads")
         ui.saved = gr.Dropdown([], label="Saved results", elem_id="eval-saved", scale=2)
     with gr.Row():
-        ui.limit = gr.Number(None, precision=0, label="limit", info="the first N examples (empty: all)",
+        ui.limit = gr.Number(0, precision=0, label="limit", info="the first N examples (0: all)",
                              elem_id="eval-limit")
         ui.max_new_tokens = gr.Slider(1, 256, value=64, step=1, label="max new tokens")
     with gr.Row():
         ui.start = gr.Button("Evaluate", variant="primary", elem_id="eval-start", scale=1)
-        ui.message = gr.HTML(elem_id="eval-message")
+        ui.message = gr.HTML(message_html("" if ids else NO_RUNS), elem_id="eval-message")
     ui.table = gr.HTML(elem_id="eval-table")
     ui.examples = gr.HTML(elem_id="eval-examples")
     return ui
