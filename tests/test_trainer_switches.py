@@ -85,6 +85,7 @@ def micro_losses(trainer) -> list[float]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing,accumulation", [(True, 1), (False, 2)])
 def test_labelled_loss_equals_the_models_own_for_ten_steps(dataset, tmp_path, packing, accumulation):
     cfg = make_cfg(dataset, data={"packing": packing, "eval_fraction": 0.0, "max_length": 128},
@@ -125,6 +126,7 @@ def test_training_runs_without_kv_cache_so_packed_examples_stay_apart(dataset, t
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_with_the_best_checkpoints_adapter(dataset, tmp_path):
     # A constant, very high rate: eval_loss stops improving within a few evaluations, well before step 40.
     cfg = make_cfg(dataset, learning_rate=2.0, lr_scheduler_type="constant", max_steps=40, eval_steps=2,
@@ -144,6 +146,7 @@ def test_early_stopping_ends_with_the_best_checkpoints_adapter(dataset, tmp_path
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_a_run_to_the_end_says_completed_and_records_its_best(dataset, tmp_path):
     cfg = make_cfg(dataset, max_steps=4, eval_steps=2)
     rd = run_folder(tmp_path, cfg)
@@ -153,6 +156,7 @@ def test_a_run_to_the_end_says_completed_and_records_its_best(dataset, tmp_path)
     assert st["best_step"] in (2, 4) and st["best_metric_name"] == "eval_loss"
 
 
+@pytest.mark.slow
 def test_4bit_base_trains_with_checkpointing_and_8bit_adamw(dataset, tmp_path):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
