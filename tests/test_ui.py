@@ -704,7 +704,7 @@ def test_export_tab_is_wired_with_its_ids(tmp_path):
     assert _by_id(demo, "merge-dtype").value == "auto"  # the merge keeps the base's own dtype unless asked
     # a LoRA GGUF offers only what llama.cpp's adapter loader reads; the quant picked stays when allowed
     lora_fmt = export_tab.format_changed(export_tab.LORA_GGUF, "q4_0")
-    assert [c[0] for c in lora_fmt["export.quant"]["choices"]] == ["f16", "bf16", "q8_0", "f32"]
+    assert lora_fmt["export.quant"]["choices"] == ["f16", "bf16", "q8_0", "f32"]
     assert lora_fmt["export.quant"]["value"] == "f16" and lora_fmt["export.ollama"]["visible"] is False
     merged = export_tab.format_changed(export_tab.GGUF, "q4_0")
     assert merged["export.quant"]["value"] == "q4_0" and merged["export.gguf_btn"]["visible"] is True
@@ -731,7 +731,7 @@ def test_export_tab_writes_a_verified_gguf_with_its_modelfile_and_download(eval_
     assert float(report.split("<b class='gdiff'>")[1].split("<")[0]) < 0.5
     modelfile = path.parent / "Modelfile"
     assert modelfile.is_file() and "FROM ./chat-run-f16.gguf" in modelfile.read_text()
-    assert "ollama create chat-run -f Modelfile" in report and "ollama run chat-run" in report
+    assert f"ollama create chat-run -f {modelfile}" in report and "ollama run chat-run" in report
 
 
 def test_export_tab_writes_an_adapter_gguf_and_shows_a_big_file_as_its_path(eval_root, monkeypatch):
