@@ -1,12 +1,5 @@
-"""Adapters: the PEFT LoRA adapter file (`file.py`, the one reader of its names, keys and settings)."""
+"""Adapters: the PEFT LoRA adapter file (file.py, the one reader of its keys and settings, with its
+names in names.py), the adapter library (library.py) and weighted combinations (combine.py).
 
-from studio.adapters.file import (  # noqa: F401
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    AdapterFile,
-    LoraModule,
-    has_weights,
-    module_path,
-    pickled_reason,
-    present,
-)
+Import the module you need (`from studio.adapters.file import AdapterFile`): this package imports
+nothing itself, so asking for the file names does not load torch."""

@@ -27,11 +27,9 @@ import torch
 from safetensors import safe_open
 
 from studio.errors import AdapterError, StudioError
+from studio.adapters.names import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
 from studio.models import shards
 
-CONFIG_NAME = "adapter_config.json"        # PEFT's CONFIG_NAME
-WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME
-PEFT_PREFIX = "base_model.model."          # PeftModel -> LoraModel -> the transformers model
 PEFT_LORA_ALPHA = 8                        # LoraConfig's default, for a config that omits it
 ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "B_bias",
          ".lora_embedding_A": "A", ".lora_embedding_B": "B", ".lora_magnitude_vector": "magnitude"}

@@ -396,7 +396,9 @@ def _read_config(base_dir: Path) -> dict:
 
 
 def _adapter_config(adapter_dir: Path) -> dict:
-    return json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    from studio.adapters.file import AdapterFile
+
+    return AdapterFile(adapter_dir, error=ExportError).config
 
 
 def _check_out(out: Path) -> None:

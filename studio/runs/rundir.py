@@ -45,6 +45,7 @@ from pathlib import Path
 import psutil
 
 from studio.errors import RunError
+from studio.adapters import names as adapter_names
 
 STATES = ("queued", "running", "stopping", "stopped", "completed", "failed", "diverged")
 ACTIVE_STATES = ("queued", "running", "stopping")
@@ -351,7 +352,7 @@ class RunDir:
 
     def is_complete_checkpoint(self, folder: Path) -> bool:
         return all((Path(folder) / f).is_file()
-                   for f in (COMPLETE_MARKER, "trainer_state.json", "adapter_model.safetensors"))
+                   for f in (COMPLETE_MARKER, "trainer_state.json", adapter_names.WEIGHTS_NAME))
 
     def last_complete_checkpoint(self) -> Path | None:
         """The newest checkpoint with its marker, trainer_state.json and adapter weights; partial ones are skipped."""
