@@ -26,13 +26,10 @@ def _serving(proc, port, log_path, timeout=180) -> bool:
     while time.time() < deadline:
         if proc.poll() is not None:
             return False
-        if "Running on" in log_path.read_text():
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                time.sleep(20)  # gradio's check of itself: up to 5 tries of 3 s
-                return proc.poll() is None
-            except OSError:
-                pass
+        # gradio prints its share-link hint only once its check of itself has passed
+        if "To create a public link" in log_path.read_text():
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return True
         time.sleep(0.5)
     raise RuntimeError(f"server did not start within {timeout} s: {log_path.read_text()[-2000:]}")
 
