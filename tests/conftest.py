@@ -15,6 +15,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Built-in models are written once per test session into a private cache, so tests never
 # depend on (or disturb) a user's ~/.cache.
 os.environ.setdefault("STUDIO_CACHE_DIR", tempfile.mkdtemp(prefix="studio-test-cache-"))
+# Servers launched by tests open on the tiny model: the real default (SmolLM2) is converted once on
+# first use, which belongs to the tests that check it (test_models_gguf.py), not to every launch.
+os.environ.setdefault("STUDIO_UI_MODEL", "tiny-llama")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

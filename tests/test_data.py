@@ -392,7 +392,9 @@ def test_preview_reports_rows_format_and_token_stats(tmp_path, tok):
 
 def test_builtin_datasets_load_and_are_detected():
     listed = {d["name"]: d for d in list_builtin()}
-    assert set(listed) == {"instructions", "sentiment"}
+    assert set(listed) == {"instructions", "sentiment", "profile-json", "profile-json-heldout"}
+    assert all((listed[n]["format"], listed[n]["task"]) == ("messages", "causal_lm")
+               for n in ("profile-json", "profile-json-heldout"))
     ins, sen = listed["instructions"], listed["sentiment"]
     assert (ins["format"], ins["task"], sen["format"], sen["task"]) == ("alpaca", "causal_lm", "classification", "seq_cls")
     for d in (ins, sen):

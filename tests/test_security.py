@@ -149,7 +149,7 @@ class FakeDemo:
 @pytest.fixture
 def fake_launch(monkeypatch, tmp_path):
     demo = FakeDemo()
-    monkeypatch.setattr(ui_app, "build_app", lambda root: demo)
+    monkeypatch.setattr(ui_app, "build_app", lambda root, model=None: demo)
     monkeypatch.delenv("STUDIO_AUTH", raising=False)
     monkeypatch.delenv("STUDIO_MAX_UPLOAD_MB", raising=False)
 
