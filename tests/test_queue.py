@@ -183,6 +183,10 @@ def test_start_while_a_run_trains_queues_and_stop_takes_a_waiting_run_out(root, 
     captured = capsys.readouterr()
     third = Path(captured.out.strip())
     assert "queued at position 2" in captured.err and queue.position(root, third.name) == 2
-    st = runs.stop_run(second)  # Stop on a queued run: out of the queue, never started
-    assert st["state"] == "stopped" and queue.position(root, third.name) == 1 and _starts(second) == 0
+    assert cli.main(["stop", str(second)]) == 0  # Stop on a queued run: out of the queue, never started
+    assert "removed from the queue" in capsys.readouterr().out
+    assert runs.read_status(second)["state"] == "stopped" and _starts(second) == 0
+    assert queue.position(root, third.name) == 1
+    st = queue.stop(third)  # the UI's Stop does the same
+    assert st["state"] == "stopped" and queue.position(root, third.name) is None
     runs.stop_run(first)

@@ -226,6 +226,12 @@ def cmd_stop(a) -> int:
     if a.wait is not None and not a.wait >= 0:
         raise UsageError(f"--wait must be a number of seconds >= 0, got {a.wait:g}")
     st = runs.read_status(d)
+    if st["state"] == "queued" and not st["alive"]:
+        from studio.runs import queue
+
+        if queue.cancel(d.parent, d.name):
+            print(f"{d.name}: removed from the queue before it started")
+            return 0
     if st["state"] not in runs.ACTIVE_STATES or not st["alive"]:
         print(f"{d.name}: {st['state']} at step {st.get('step')} (not running; nothing to stop)")
         return 0

@@ -266,11 +266,6 @@ def stop_run(run_dir: str | os.PathLike, timeout: float | None = None, *, wait: 
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
     st = rd.status()
-    if st["state"] == "queued" and not st["alive"]:
-        from studio.runs import queue
-
-        if queue.cancel(run_dir.parent, run_dir.name):  # waiting in the queue: it leaves it, never starts
-            return rd.status()
     if st["state"] not in ACTIVE_STATES or not st["alive"]:
         return st
     if kill and timeout is None:

@@ -151,6 +151,16 @@ def cancel(root: str | os.PathLike | None, run_id: str) -> bool:
     return True
 
 
+def stop(run_dir: str | os.PathLike, **kwargs) -> dict:
+    """Stop as a person means it: a run waiting in the queue leaves it (it never starts); a running
+    one is asked to stop (manager.stop_run, with its `kwargs`)."""
+    run_dir = Path(run_dir)
+    st = manager.read_status(run_dir)
+    if st["state"] == "queued" and not st["alive"] and cancel(run_dir.parent, run_dir.name):
+        return manager.read_status(run_dir)
+    return manager.stop_run(run_dir, **kwargs)
+
+
 def move(root: str | os.PathLike | None, run_id: str, by: int) -> int:
     """Move a waiting run `by` places (negative: towards the front); returns its new position."""
     root = manager.runs_dir(root)

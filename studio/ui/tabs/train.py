@@ -28,6 +28,7 @@ from studio.config import (
     starter_config,
 )
 from studio.errors import ConfigError, StudioError
+from studio.runs import queue
 from studio.runs.preflight import preflight
 from studio.ui import live
 from studio.ui.registry import Registry
@@ -45,7 +46,7 @@ FORM = model_tab.LORA_FORM + data_tab.DATA_FORM + TRAIN_FORM
 # What picking a model sets (`model_settings`).
 SETTINGS_FORM = (tuple(model_tab.lora_values(LoraSettings())) + tuple(data_tab.data_values(DataConfig())) + TRAIN_FORM
                  + ("model.task", "data.dataset_select"))
-TRAINING = "a run is training: stop it before starting another"
+TRAINING = "a run is training: Start queues this one behind it (it starts when the slot is free)"
 
 
 def train_values(t: TrainConfig) -> dict[str, Any]:
@@ -130,8 +131,11 @@ def start(runs_dir: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     try:
         cfg = build_config(v)
         preflight(cfg)  # a click can arrive before the gate caught up, or not from this page at all
-        run_dir = runs.start_run(cfg, runs_dir)
+        run_dir, position = queue.submit(cfg, runs_dir)  # behind the run that trains, if one does
         live.forget_active(runs_dir)
+        if position is not None:
+            gr.Info(f"Queued at position {position}: {run_dir.name} starts when the slot is free "
+                    "(the Runs tab lists the queue).")
     except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
     except OSError as e:  # a full disk, a runs folder that is a file or read-only: the server stays up
@@ -164,9 +168,10 @@ def phase_view(root: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     """Start-reason, Start button, YAML and CLI line for the run the live view follows
     ({"run", "active"} under "train.live") and the FORM values."""
     followed = v["train.live"] or {}
-    reason = TRAINING if followed.get("active") else refusal(v)
+    reason = refusal(v)
+    note = reason or (TRAINING if followed.get("active") else None)  # a busy slot queues, it does not refuse
     yaml_text, cli = config_view(str(root / followed["run"]) if followed.get("run") else None)
-    return {"train.start_reason": reason_html(reason), "train.train_start": gr.update(interactive=reason is None),
+    return {"train.start_reason": reason_html(note), "train.train_start": gr.update(interactive=reason is None),
             "train.run_yaml": yaml_text, "train.run_cli": cli}
 
 
@@ -179,7 +184,7 @@ def stop(root: Path, v: Mapping[str, Any]) -> None:
     if not run:
         raise gr.Error("no run to stop", print_exception=False)
     try:
-        runs.stop_run(root / run)
+        queue.stop(root / run)  # a run still waiting in the queue leaves it
     except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
 
