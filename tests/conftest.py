@@ -34,3 +34,7 @@ def _free_port() -> int:
 def free_port():
     """Returns a function that gives a free TCP port on 127.0.0.1, where test servers bind."""
     return _free_port
+
+
+# The browser tests' server and page, shared by every tests/test_ui_browser*.py file.
+from browser import page, server  # noqa: E402,F401

@@ -1,102 +1,16 @@
 """The whole point-and-click path in a real browser (system Chromium through playwright).
 
-Starts `python app.py` on a free 127.0.0.1 port with a temporary runs folder, and stops it
-afterwards. Screenshots of each tab go to test-artifacts/ (not committed).
+The server and page come from tests/browser.py (shared by every browser test file); this file's
+tests run in order on one runs folder: fine-tune, then Playground, Analysis and Evaluate on it.
 """
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from browser import pick, points, shot, trainable, wait_until
 
 pytestmark = pytest.mark.browser
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-
-
-def _serving(proc, port, log_path, timeout=180) -> bool:
-    """True once the server answers on `port` and has passed gradio's own start-up check."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return False
-        # gradio prints its share-link hint only once its check of itself has passed
-        if "To create a public link" in log_path.read_text():
-            socket.create_connection(("127.0.0.1", port), timeout=5).close()
-            return True
-        time.sleep(0.5)
-    raise RuntimeError(f"server did not start within {timeout} s: {log_path.read_text()[-2000:]}")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, free_port):
-    runs = tmp_path_factory.mktemp("runs")
-    log_path = runs.parent / "server.log"
-    log = open(log_path, "w")
-    # tiny-llama, not the studio's opening SmolLM2: its first use converts a GGUF (tens of seconds)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "STUDIO_UI_MODEL": "tiny-llama"}
-    # gradio's launch asks its own page for a response within 3 s and exits when none comes; on a
-    # machine this busy that can miss, so a server that exits that way is started again.
-    for attempt in range(3):
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs-dir", str(runs)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if _serving(proc, port, log_path):
-            break
-        if "localhost is not accessible" not in log_path.read_text() or attempt == 2:
-            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
-    yield f"http://127.0.0.1:{port}", runs
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def page(server):
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is missing: `make test` installs it (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"])
-        pg = browser.new_page(viewport={"width": 1400, "height": 1300}, accept_downloads=True)
-        pg.set_default_timeout(60_000)
-        yield pg
-        browser.close()
-
-
-def _shot(page, name):
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def _points(page) -> int:
-    return page.locator("#loss-plot .js-plotly-plot").evaluate(
-        "d => (d.data || []).filter(t => t.name === 'train loss').map(t => t.x.length).concat([0])[0]")
-
-
-def _wait(predicate, timeout=120, step=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
-
-
-def _trainable(page) -> int:
-    return int(page.locator("#param-count .pc-trainable").get_attribute("data-trainable"))
 
 
 def test_point_and_click_fine_tune_merge_and_download(server, page):
@@ -107,13 +21,13 @@ def test_point_and_click_fine_tune_merge_and_download(server, page):
     url, runs = server
     page.goto(url)
     page.wait_for_selector("#module-tree input[data-leaf]")
-    _wait(lambda: page.locator("#param-count .pc-trainable").count())
+    wait_until(lambda: page.locator("#param-count .pc-trainable").count())
 
     # tick q_proj and v_proj (q and v are the default; untick all, then tick them in the tree)
     ticked = page.locator("#module-tree input[data-leaf]:checked")
     while ticked.count():
         ticked.first.uncheck()
-    _wait(lambda: "No count" in page.locator("#param-count").inner_text())
+    wait_until(lambda: "No count" in page.locator("#param-count").inner_text())
     page.locator("#module-tree input[data-key$='self_attn.q_proj']").check()
     page.locator("#module-tree input[data-key$='self_attn.v_proj']").check()
     # set r = 4 (and alpha follows the slider's own value)
@@ -121,11 +35,11 @@ def test_point_and_click_fine_tune_merge_and_download(server, page):
     r_box.fill("4")
     r_box.press("Enter")
     expected = lora.count(model_tree("tiny-llama"), LoraSettings(r=4, target_modules=["q_proj", "v_proj"])).trainable
-    _wait(lambda: _trainable(page) == expected, timeout=30)
+    wait_until(lambda: trainable(page) == expected, timeout=30)
     # the type checkboxes followed the tree
     checked = page.locator("#target-types input:checked")
     assert checked.count() == 2
-    _shot(page, "model")
+    shot(page, "model")
 
     page.get_by_role("tab", name="Data").click()
     page.wait_for_selector("#dataset-preview table")
@@ -136,57 +50,57 @@ def test_point_and_click_fine_tune_merge_and_download(server, page):
     assert tokens.locator(".tk-on").count() and tokens.locator("[data-trained='0'][data-kind='prompt']").count()
     assert tokens.locator("[data-kind='special'][data-trained='1']").count()  # the EOS that teaches stopping
     assert "### Response:" in "".join(tokens.locator(".tk-seq").first.locator("[data-trained='0']").all_inner_texts())
-    _shot(page, "data")
+    shot(page, "data")
     # a chat dataset: the user turns masked, the assistant's answers trained
-    _pick(page, "dataset-select", "messages, 480 rows")
-    _wait(lambda: tokens.locator("[data-kind='user'][data-trained='0']").count()
+    pick(page, "dataset-select", "messages, 480 rows")
+    wait_until(lambda: tokens.locator("[data-kind='user'][data-trained='0']").count()
           and tokens.locator("[data-kind='assistant'][data-trained='1']").count(), timeout=60)
     assert "format messages" in page.locator("#data-info").inner_text().replace("*", "")
-    _shot(page, "data-chat")
-    _pick(page, "dataset-select", "instructions")
-    _wait(lambda: "format alpaca" in page.locator("#data-info").inner_text().replace("*", ""), timeout=60)
+    shot(page, "data-chat")
+    pick(page, "dataset-select", "instructions")
+    wait_until(lambda: "format alpaca" in page.locator("#data-info").inner_text().replace("*", ""), timeout=60)
 
     page.get_by_role("tab", name="Train").click()
     steps = page.get_by_label("max_steps")
     steps.fill("400")
     steps.press("Tab")
     page.locator("#train-start").click()
-    _wait(lambda: _points(page) >= 3, timeout=180)
-    first = _points(page)
-    _wait(lambda: _points(page) > first + 2, timeout=120)
+    wait_until(lambda: points(page) >= 3, timeout=180)
+    first = points(page)
+    wait_until(lambda: points(page) > first + 2, timeout=120)
     assert "running" in page.locator("#run-status").inner_text()
-    _shot(page, "train")
+    shot(page, "train")
 
     # reload: the page re-attaches and shows the whole curve so far, then keeps growing
-    before = _points(page)
+    before = points(page)
     page.reload()
     page.wait_for_selector("#module-tree input[data-leaf]")
     page.get_by_role("tab", name="Train").click()
-    _wait(lambda: _points(page) >= before, timeout=60)
-    after = _points(page)
-    _wait(lambda: _points(page) > after, timeout=120)
+    wait_until(lambda: points(page) >= before, timeout=60)
+    after = points(page)
+    wait_until(lambda: points(page) > after, timeout=120)
 
     # a second Start while this run trains would queue it behind this one (not clicked here)
-    _wait(lambda: "queues this one" in page.locator("#start-reason").inner_text(), timeout=30)
+    wait_until(lambda: "queues this one" in page.locator("#start-reason").inner_text(), timeout=30)
     assert not page.locator("#train-start").is_disabled()
 
     page.locator("#train-stop").click()
-    _wait(lambda: "stopped" in page.locator("#run-status").inner_text(), timeout=120)
+    wait_until(lambda: "stopped" in page.locator("#run-status").inner_text(), timeout=120)
     run_dir = next(p for p in runs.iterdir() if (p / "config.yaml").is_file())
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
     page.get_by_role("tab", name="Runs").click()
-    _wait(lambda: "stopped" in page.locator("#runs-table").inner_text(), timeout=30)
-    _shot(page, "runs")
+    wait_until(lambda: "stopped" in page.locator("#runs-table").inner_text(), timeout=30)
+    shot(page, "runs")
 
     page.get_by_role("tab", name="Export").click()
-    _wait(lambda: page.locator("#download-adapter").is_enabled(), timeout=60)
+    wait_until(lambda: page.locator("#download-adapter").is_enabled(), timeout=60)
     page.locator("#merge-btn").click()
-    _wait(lambda: "verification" in page.locator("#merge-report").inner_text(), timeout=180)
+    wait_until(lambda: "verification" in page.locator("#merge-report").inner_text(), timeout=180)
     report = page.locator("#merge-report").inner_text()
     assert "✔" in report and "differs from base: True" in report
     assert float(page.locator("#merge-report .mdiff").inner_text()) < 1e-3
-    _shot(page, "export")
+    shot(page, "export")
 
     with page.expect_download() as dl:
         page.locator("#download-adapter").click()
@@ -203,24 +117,24 @@ def test_playground_and_analysis_on_the_trained_run(server, page):
     page.wait_for_selector("#module-tree input[data-leaf]")
     page.get_by_role("tab", name="Playground").click()
     # the run list is filled when the tab opens: generate only once it names the run
-    _wait(lambda: page.locator("#playground-run input").input_value(), timeout=60)
+    wait_until(lambda: page.locator("#playground-run input").input_value(), timeout=60)
     page.locator("#playground-prompt textarea").fill("What is the capital of Iceland?")
     page.locator("#playground-generate").click()
-    _wait(lambda: page.locator("#playground-tuned textarea").input_value()
+    wait_until(lambda: page.locator("#playground-tuned textarea").input_value()
           and page.locator("#playground-base textarea").input_value(), timeout=120)
-    _shot(page, "playground")
+    shot(page, "playground")
 
     page.get_by_role("tab", name="Analysis").click()
-    _wait(lambda: page.locator("#analysis-run-a input").input_value()
+    wait_until(lambda: page.locator("#analysis-run-a input").input_value()
           and page.locator("#analysis-run-b input").input_value(), timeout=60)
     page.locator("#analysis-spectrum").click()
-    _wait(lambda: page.locator("#analysis-spectrum-plot .js-plotly-plot").count(), timeout=120)
+    wait_until(lambda: page.locator("#analysis-spectrum-plot .js-plotly-plot").count(), timeout=120)
     n = page.locator("#analysis-spectrum-plot .js-plotly-plot").evaluate("d => d.data.length")
     assert n == 8  # q_proj and v_proj in 4 layers
     page.locator("#analysis-subspace").click()
-    _wait(lambda: "mean φ(1,1)" in page.locator("#analysis-summary").inner_text(), timeout=120)
+    wait_until(lambda: "mean φ(1,1)" in page.locator("#analysis-summary").inner_text(), timeout=120)
     assert "mean φ(1,1) = 1.000" in page.locator("#analysis-summary").inner_text()  # a run with itself
-    _shot(page, "analysis")
+    shot(page, "analysis")
 
 
 def test_evaluate_the_trained_run_and_see_it_again_after_a_reload(server, page):
@@ -229,12 +143,12 @@ def test_evaluate_the_trained_run_and_see_it_again_after_a_reload(server, page):
     page.goto(url)
     page.wait_for_selector("#module-tree input[data-leaf]")
     page.get_by_role("tab", name="Evaluate").click()
-    _wait(lambda: page.locator("#eval-run input").input_value(), timeout=60)
+    wait_until(lambda: page.locator("#eval-run input").input_value(), timeout=60)
     limit = page.locator("#eval-limit input")
     limit.fill("4")
     limit.press("Tab")
     page.locator("#eval-start").click()
-    _wait(lambda: page.locator("#eval-table [data-metric='exact_match']").count(), timeout=180)
+    wait_until(lambda: page.locator("#eval-table [data-metric='exact_match']").count(), timeout=180)
     for key in ("exact_match", "rouge_l", "loss"):
         assert page.locator(f"#eval-table [data-metric='{key}'] .ev-tuned").inner_text().strip()
     rows = page.locator("#eval-examples tr")
@@ -242,18 +156,13 @@ def test_evaluate_the_trained_run_and_see_it_again_after_a_reload(server, page):
     assert "saved as eval/heldout.json" in page.locator("#eval-message").inner_text()
     run_dir = next(p for p in runs.iterdir() if (p / "config.yaml").is_file())
     assert (run_dir / "eval" / "heldout.json").is_file()
-    _shot(page, "evaluate")
+    shot(page, "evaluate")
     # a new page: picking the run shows the saved result, nothing is computed again
     page.reload()
     page.wait_for_selector("#module-tree input[data-leaf]")
     page.get_by_role("tab", name="Evaluate").click()
-    _wait(lambda: page.locator("#eval-examples tr").count() == 5, timeout=60)
+    wait_until(lambda: page.locator("#eval-examples tr").count() == 5, timeout=60)
     assert "saved result heldout" in page.locator("#eval-message").inner_text()
-
-
-def _pick(page, dropdown_id, text):
-    page.locator(f"#{dropdown_id} input").click()
-    page.locator("li[role=option]", has_text=text).first.click()
 
 
 def test_start_is_disabled_with_the_cli_reason_for_an_impossible_combination(server, page):
@@ -269,19 +178,19 @@ def test_start_is_disabled_with_the_cli_reason_for_an_impossible_combination(ser
     assert reason and "model.task seq_cls needs text + label columns" in reason
     page.goto(url)
     page.wait_for_selector("#module-tree input[data-leaf]")
-    _pick(page, "model-select", "minilm-l6")
-    _wait(lambda: "seq_cls" in page.locator("#model-summary").inner_text(), timeout=60)
+    pick(page, "model-select", "minilm-l6")
+    wait_until(lambda: "seq_cls" in page.locator("#model-summary").inner_text(), timeout=60)
     page.get_by_role("tab", name="Data").click()
-    _wait(lambda: "format classification" in page.locator("#data-info").inner_text().replace("*", ""), timeout=60)
-    _pick(page, "dataset-select", "instructions")
+    wait_until(lambda: "format classification" in page.locator("#data-info").inner_text().replace("*", ""), timeout=60)
+    pick(page, "dataset-select", "instructions")
     page.get_by_role("tab", name="Train").click()
-    _wait(lambda: reason in page.locator("#start-reason").inner_text(), timeout=60)
+    wait_until(lambda: reason in page.locator("#start-reason").inner_text(), timeout=60)
     assert page.locator("#train-start").is_disabled()
     assert page.locator("#start-reason").inner_text().strip() == f"⚠ {reason}"
-    _shot(page, "train-refused")
+    shot(page, "train-refused")
     page.get_by_role("tab", name="Data").click()
-    _pick(page, "dataset-select", "sentiment")
+    pick(page, "dataset-select", "sentiment")
     page.get_by_role("tab", name="Train").click()
-    _wait(lambda: page.locator("#train-start").is_enabled(), timeout=60)
+    wait_until(lambda: page.locator("#train-start").is_enabled(), timeout=60)
     assert page.locator("#start-reason").inner_text().strip() == ""
     assert {p.name for p in runs.iterdir()} == folders
