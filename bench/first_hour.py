@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,14 +42,31 @@ VISIBLE = 0.5
 HEADING = "First hour: SmolLM2 learns profile-json"
 
 
-def studio(*args: str, timeout: float | None = None) -> tuple[subprocess.CompletedProcess, float]:
+LOAD: dict[str, list[float]] = {}  # phase -> 1-minute load averages sampled while it ran
+
+
+def studio(*args: str, timeout: float | None = None, phase: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Runs `studio ARGS` as a user would; the machine's load is sampled every 2 s meanwhile, since
+    other work on a 2-core machine slows small-batch generation far more than training."""
+    samples = LOAD.setdefault(phase or args[0], [])
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "studio", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+    proc = subprocess.Popen([sys.executable, "-m", "studio", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sampler = threading.Thread(target=_sample_load, args=(proc, samples), daemon=True)
+    sampler.start()
+    out, err = proc.communicate(timeout=timeout)
     dt = time.perf_counter() - t0
+    sampler.join()
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if p.returncode != 0:
         raise SystemExit(f"studio {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p, dt
+
+
+def _sample_load(proc: subprocess.Popen, samples: list[float]) -> None:
+    while proc.poll() is None:
+        samples.append(os.getloadavg()[0])
+        time.sleep(2)
 
 
 def first_turns(n: int, out: Path) -> list[str]:
@@ -89,12 +107,12 @@ def main() -> None:
             raise SystemExit(f"run ended {status['state']}: {status.get('error')}")
 
         p, heldout_wall = studio("eval", str(run), "--data", str(HELDOUT), "--max-new-tokens", str(MAX_NEW_TOKENS),
-                                 "--json")
+                                 "--json", phase="heldout eval")
         full = json.loads(p.stdout)
 
         prompts = first_turns(SPEED_PROMPTS, tmp / "speed.jsonl")
         p, eval_wall = studio("eval", str(run), "--data", str(tmp / "speed.jsonl"), "--max-new-tokens",
-                              str(MAX_NEW_TOKENS), "--json")
+                              str(MAX_NEW_TOKENS), "--json", phase="speed eval")
         speed = json.loads(p.stdout)
         gen_walls, agree = [], 0
         tuned_by_prompt = {e["prompt"]: e["tuned"] for e in speed["examples"]}
@@ -109,7 +127,7 @@ def main() -> None:
     gen_per_prompt = sum(gen_walls) / len(gen_walls) if gen_walls else None
     res = {
         "model": a.model, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_avg_1m": os.getloadavg()[0], "settings": {k: v for k, v in cfg.to_dict().items() if k != "model"},
+        "load_avg_1m": {k: round(max(v), 1) for k, v in LOAD.items() if v}, "settings": {k: v for k, v in cfg.to_dict().items() if k != "model"},
         "convert_s": round(convert_s, 1), "train_wall_s": round(train_wall, 1),
         "train_elapsed_s": status.get("elapsed_s"), "steps": status.get("step"),
         "heldout_n": full["n"], "heldout_exact_match": {"base": m_base["exact_match"], "tuned": m_tuned["exact_match"]},
@@ -128,7 +146,8 @@ def main() -> None:
     lora = res["settings"]["lora"]
     section = f"""## {HEADING}
 
-`bench/first_hour.py`, {res['date']}, {res['machine']} (1-minute load average {res['load_avg_1m']:.1f}).
+`bench/first_hour.py`, {res['date']}, {res['machine']}; highest 1-minute load average while each step ran:
+{', '.join(f'{k} {v}' for k, v in res['load_avg_1m'].items())} (the step itself accounts for up to 2 of it: a higher figure means other work shared the 2 cores).
 {a.model} trained on `assets/datasets/profile-json.jsonl` with its starter settings (r={lora['r']},
 lora_alpha={lora['lora_alpha']}, {lora['target_modules']}, lr {t['learning_rate']}, {t['max_steps']} steps of
 {t['per_device_train_batch_size']} x {res['settings']['data']['max_length']} tokens) through `studio train`,
