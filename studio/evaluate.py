@@ -1,8 +1,10 @@
 """Held-out evaluation of a run: the base model and the tuned one on the same prompts.
 
 One model is loaded (`Playground.for_run`: the run's base with its adapter wrapped in place);
-"base" is that model inside PEFT's `disable_adapter()` context, "tuned" the same model with the
-adapter on, so the two answers differ only by the LoRA branch and the base weights are held once.
+"base" is that model with the LoRA branch off (PEFT's `disable_adapter_layers`), "tuned" the same
+model with the adapter on, so the two answers differ only by the LoRA branch and the base weights
+are held once. Other adapters of the same base (`adapters=`, `studio eval RUN --adapter A
+--adapter B`) are loaded beside it as PEFT's named adapters, each a column of its own.
 
 Examples come from the run's own held-out split (the rows `build_datasets` left out of training,
 drawn by `split_rows` with the run's seed and eval_fraction) or from a file in any format the Data
@@ -67,11 +69,14 @@ class Example:
 
 def evaluate(run_dir, data: str | None = None, *, limit: int | None = None,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
-             progress: Progress | None = None, save: bool = True) -> dict:
+             progress: Progress | None = None, save: bool = True, adapters: list[str] | None = None) -> dict:
     """Evaluate base and tuned on held-out prompts; returns (and saves) the result dict.
 
     data: a dataset file, or None for the run's held-out split. limit: the first N examples.
-    progress(done, total, phase) is called as batches finish (phase "base", "tuned", "loss").
+    adapters: run folders, adapter folders or library names of the run's base; then the columns are
+    "base" and one per adapter (named as the library names it), all on the run's one loaded base,
+    instead of "base" and "tuned" (the run's own adapter), and the result is saved as NAME-adapters.
+    progress(done, total, phase) is called as batches finish (phase: a column's name, or "loss").
     """
     _check_int("--limit", limit, allow_none=True)
     _check_int("--max-new-tokens", max_new_tokens)
@@ -90,16 +95,20 @@ def evaluate(run_dir, data: str | None = None, *, limit: int | None = None,
 
     t0 = time.perf_counter()
     pg = Playground.for_run(rd.path, cache=False)
+    columns, paths = _columns(pg, rd, adapters)
     load_s = time.perf_counter() - t0
     report = progress or (lambda done, total, phase: None)
     t1 = time.perf_counter()
     if task == "seq_cls":
-        body = _classify(pg, examples, d, report)
+        body = _classify(pg, examples, d, report, columns)
     else:
-        body = _generate_both(pg, examples, max_new_tokens, batch_size, report)
+        body = _generate_all(pg, examples, max_new_tokens, batch_size, report, columns)
+    if adapters:
+        name = f"{name}-adapters"
     result = {"run": rd.id, "dir": str(rd.path), "name": name, "data": source, "task": task, "n": len(examples),
               "created_at": time.time(), "max_new_tokens": max_new_tokens if task != "seq_cls" else None,
-              "batch_size": batch_size, "adapter": pg.adapter_source,
+              "batch_size": batch_size, "adapter": pg.adapter_source, "columns": list(columns),
+              **({"adapters": paths} if adapters else {}),
               "seconds": {"load": round(load_s, 3), "eval": round(time.perf_counter() - t1, 3)}, **body}
     if save:
         rd.eval_dir.mkdir(exist_ok=True)
@@ -245,6 +254,31 @@ def _example(row: dict, d, where: str) -> tuple[Example | None, str | None]:
     return Example(shown, "", reference, {"messages": msgs[: last + 1]}, where, before), None
 
 
+def _columns(pg, rd: RunDir, adapters: list[str] | None) -> tuple[dict, dict]:
+    """{column: the playground's adapter argument} and {column: adapter folder} for the adapters asked
+    for; without any, {"base": False, "tuned": True} (the run's own adapter)."""
+    from studio.adapters import library
+
+    if not adapters:
+        return {"base": False, "tuned": True}, {}
+    entries = [library.resolve(str(a), rd.path.parent) for a in adapters]
+    seen: dict[str, str] = {}
+    for a, e in zip(adapters, entries):
+        where = str(Path(e.path).resolve())
+        if where in seen:
+            raise UsageError(f"--adapter {a} is the same adapter as --adapter {seen[where]}; give each once")
+        seen[where] = a
+    loaded = pg.load_adapters([e.path for e in entries])
+    columns, paths = {"base": False}, {}
+    for e, internal in zip(entries, loaded):
+        col, k = e.name, 2
+        while col in columns:  # two folders both called "adapter", or one called "base"
+            col, k = f"{e.name}-{k}", k + 1
+        columns[col] = internal
+        paths[col] = e.path
+    return columns, paths
+
+
 def _require_adapter(rd: RunDir) -> None:
     if adapter_file.present(rd.adapter) or rd.last_complete_checkpoint() is not None:
         return
@@ -262,7 +296,8 @@ def _check_int(name: str, value, allow_none: bool = False) -> None:
 
 # --- causal LMs -----------------------------------------------------------------------------
 
-def _generate_both(pg, examples: list[Example], max_new_tokens: int, batch_size: int, report: Progress) -> dict:
+def _generate_all(pg, examples: list[Example], max_new_tokens: int, batch_size: int, report: Progress,
+                  columns: dict) -> dict:
     from studio.data.prepare import chat_prompt
 
     tok = pg.tokenizer
@@ -277,7 +312,7 @@ def _generate_both(pg, examples: list[Example], max_new_tokens: int, batch_size:
     refs = [ex.reference for ex in examples]
     encoded = _reference_tokens(pg, examples)
     out, metrics = {}, {}
-    total = 2 * len(examples) + 2 * len(encoded)
+    total = len(columns) * (len(examples) + len(encoded))
     done = 0
 
     def tick(k: int, phase: str) -> None:
@@ -286,23 +321,23 @@ def _generate_both(pg, examples: list[Example], max_new_tokens: int, batch_size:
         report(done, total, phase)
 
     model = pg.model
-
-    def run(mode: str):
+    for col, adapter in columns.items():
+        # PEFT's switch on the one loaded model: the LoRA branch off for base, else that adapter on.
+        pg.select(adapter)
         texts = generate_greedy(model, tok, prompts, max_new_tokens, batch_size, eos_ids(model, tok),
-                                lambda k: tick(k, mode))
-        return texts, reference_loss(model, encoded, _pad_id(tok), lambda k: tick(k, "loss"))
-
-    for mode in ("base", "tuned"):
-        if mode == "base":
-            with model.disable_adapter():  # PEFT's switch: the LoRA branch off, the same weights otherwise
-                texts, loss = run(mode)
-        else:
-            texts, loss = run(mode)
-        out[mode] = texts
-        metrics[mode] = {"exact_match": exact_match(texts, refs), "rouge_l": rouge_l(texts, refs), "loss": loss}
-    rows = [{"prompt": ex.prompt, "reference": ex.reference, "base": b, "tuned": t,
-             "base_match": b.strip() == ex.reference.strip(), "tuned_match": t.strip() == ex.reference.strip(),
-             "where": ex.where} for ex, b, t in zip(examples, out["base"], out["tuned"])]
+                                lambda k, col=col: tick(k, col))
+        loss = reference_loss(model, encoded, _pad_id(tok), lambda k: tick(k, "loss"))
+        out[col] = texts
+        metrics[col] = {"exact_match": exact_match(texts, refs), "rouge_l": rouge_l(texts, refs), "loss": loss}
+    pg.select(True)
+    rows = []
+    for i, ex in enumerate(examples):
+        row = {"prompt": ex.prompt, "reference": ex.reference}
+        for col in columns:
+            row[col] = out[col][i]
+        for col in columns:
+            row[f"{col}_match"] = out[col][i].strip() == ex.reference.strip()
+        rows.append({**row, "where": ex.where})
     return {"metrics": metrics, "examples": rows}
 
 
@@ -405,7 +440,7 @@ def reference_loss(model, encoded: list[tuple[list[int], list[int]]], pad_id: in
 
 # --- classifiers ----------------------------------------------------------------------------
 
-def _classify(pg, examples: list[Example], d, report: Progress) -> dict:
+def _classify(pg, examples: list[Example], d, report: Progress, columns: dict) -> dict:
     labels = [pg.id2label[i] for i in sorted(pg.id2label)]
     gold = [_gold_name(ex, d) for ex in examples]
     for g, ex in zip(gold, examples):
@@ -414,12 +449,16 @@ def _classify(pg, examples: list[Example], d, report: Progress) -> dict:
                             f"{', '.join(labels)}")
     texts = [ex.text for ex in examples]
     preds, metrics = {}, {}
-    for k, mode in enumerate(("base", "tuned")):
-        preds[mode] = [r["label"] for r in pg.classify(texts, adapter=mode == "tuned")]
-        metrics[mode] = classification_metrics(gold, preds[mode], labels)
-        report((k + 1) * len(texts), 2 * len(texts), mode)
-    rows = [{"prompt": ex.prompt, "reference": g, "base": b, "tuned": t, "base_match": b == g, "tuned_match": t == g,
-             "where": ex.where} for ex, g, b, t in zip(examples, gold, preds["base"], preds["tuned"])]
+    for k, (col, adapter) in enumerate(columns.items()):
+        preds[col] = [r["label"] for r in pg.classify(texts, adapter=adapter)]
+        metrics[col] = classification_metrics(gold, preds[col], labels)
+        report((k + 1) * len(texts), len(columns) * len(texts), col)
+    rows = []
+    for i, (ex, g) in enumerate(zip(examples, gold)):
+        row = {"prompt": ex.prompt, "reference": g}
+        row.update({col: preds[col][i] for col in columns})
+        row.update({f"{col}_match": preds[col][i] == g for col in columns})
+        rows.append({**row, "where": ex.where})
     return {"metrics": metrics, "examples": rows, "labels": labels}
 
 

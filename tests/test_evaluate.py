@@ -351,3 +351,77 @@ def test_profile_json_answers_are_the_facts_of_the_sentence_and_heldout_is_unlik
     assert len(held["name"]) >= 20
     for key in ("name", "city", "job", "prompt"):
         assert not train[key] & held[key], key
+
+
+# --- several adapters on one base -------------------------------------------------------------
+
+def _random_adapter(folder, seed: int, ref: str = "tiny-llama", targets=("q_proj", "v_proj")):
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(load_model(ref), cfg).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+def test_several_adapters_give_one_column_each_equal_to_each_adapter_alone(chat_run, tmp_path):
+    """Each adapter's column: the greedy answers and reference loss of that adapter loaded alone on a
+    fresh base, one example at a time (transformers' generate and its own shifted loss)."""
+    from studio.data.prepare import chat_prompt
+
+    other = _random_adapter(tmp_path / "other", seed=5)
+    rows = _chat_rows(6)
+    data = _write(tmp_path / "probe.jsonl", rows)
+    res = ev.evaluate(chat_run, str(data), adapters=[str(chat_run), str(other)], max_new_tokens=6, batch_size=4)
+    assert res["columns"] == ["base", "chat", "other"] == list(res["metrics"])
+    assert res["name"] == "probe-adapters" and (chat_run / "eval" / "probe-adapters.json").is_file()
+    assert res["adapters"] == {"chat": str(chat_run / "adapter"), "other": str(other)}
+    single = ev.evaluate(chat_run, str(data), max_new_tokens=6, batch_size=4, save=False)
+    assert [e["chat"] for e in res["examples"]] == [e["tuned"] for e in single["examples"]]
+    assert res["metrics"]["chat"] == single["metrics"]["tuned"] and res["metrics"]["base"] == single["metrics"]["base"]
+
+    tok = load_tokenizer("tiny-llama")
+    refs = [r["messages"][-1]["content"] for r in rows]
+    for col, folder in (("chat", chat_run / "adapter"), ("other", other)):
+        model = PeftModel.from_pretrained(load_model("tiny-llama"), str(folder)).eval()
+        eos = ev.eos_ids(model, tok)
+        answers, total, count = [], 0.0, 0
+        with torch.no_grad():
+            for r in rows:
+                text = chat_prompt(tok, r["messages"][:-1], add_generation_prompt=True)
+                ids = tok(text, add_special_tokens=False).input_ids
+                if tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]:
+                    ids = [tok.bos_token_id] + ids
+                out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                     eos_token_id=eos, pad_token_id=tok.pad_token_id or 0)[0, len(ids):].tolist()
+                cut = next((k for k, t in enumerate(out) if t in eos), len(out))
+                answers.append(tok.decode(out[:cut], skip_special_tokens=True))
+            for r in rows:  # the loss of the last answer only, as studio eval counts it
+                ids, labels = encode_causal(tok, "messages", [r], ["x"])[0]
+                keep, j = [-100] * len(labels), len(labels) - 1
+                while labels[j] == -100:
+                    j -= 1
+                while j >= 0 and labels[j] != -100:
+                    keep[j], j = labels[j], j - 1
+                n = sum(t != -100 for t in keep[1:])
+                total += float(model(input_ids=torch.tensor([ids]), labels=torch.tensor([keep])).loss) * n
+                count += n
+        assert [e[col] for e in res["examples"]] == answers, col
+        assert res["metrics"][col]["exact_match"] == sum(a.strip() == r.strip() for a, r in zip(answers, refs)) / 6
+        assert res["metrics"][col]["loss"] == pytest.approx(total / count, rel=1e-5), col
+    assert res["metrics"]["other"]["loss"] != pytest.approx(res["metrics"]["chat"]["loss"], rel=1e-3)
+
+    code, out, _ = _cli("eval", str(chat_run), "--data", str(data), "--max-new-tokens", "6",
+                        "--adapter", str(chat_run), "--adapter", str(other))
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "base", "chat", "other"]
+    loss_line = next(line for line in out.splitlines() if line.startswith("loss"))
+    assert float(loss_line.split()[3]) == pytest.approx(res["metrics"]["other"]["loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_an_adapter_of_another_base_or_given_twice_is_refused(bare_run, tmp_path):
+    gpt2 = _random_adapter(tmp_path / "gpt2", seed=6, ref="tiny-gpt2", targets=("c_attn",))
+    err = _refused(bare_run, "--adapter", str(gpt2), expect="not on tiny-llama")
+    assert "gpt2" in err
+    _refused(bare_run, "--adapter", str(bare_run), "--adapter", str(bare_run / "adapter"), expect="give each once")

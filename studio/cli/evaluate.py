@@ -1,4 +1,5 @@
-"""`studio eval RUN_DIR`: held-out evaluation, base vs tuned (the engine is studio/evaluate.py)."""
+"""`studio eval RUN_DIR [--adapter A ...]`: held-out evaluation, base vs tuned or vs each adapter named
+(the engine is studio/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def add_parser(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     e.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     e.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts generated together")
+    e.add_argument("--adapter", action="append", default=None, metavar="NAME_OR_DIR",
+                   help="compare this adapter of the run's base (a run folder, adapter folder or library name) "
+                        "instead of the run's own; repeat for one column per adapter")
     e.add_argument("--json", action="store_true")
 
 
@@ -32,7 +36,7 @@ def cmd_eval(a) -> int:
             sys.stderr.flush()
 
     res = evaluate(a.run_dir, a.data, limit=a.limit, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                   progress=progress)
+                   progress=progress, adapters=a.adapter)
     if tty:
         sys.stderr.write("\n")
     if a.json:
@@ -40,20 +44,25 @@ def cmd_eval(a) -> int:
         sys.stdout.write("\n")
         return 0
     print(f"{res['run']}: {res['n']} examples from {res['data']}")
-    base, tuned = res["metrics"]["base"], res["metrics"]["tuned"]
-    keys = [k for k in base if not isinstance(base[k], dict)]
-    print(f"{'metric':<12} {'base':>8} {'tuned':>8}")
+    columns = res.get("columns") or ["base", "tuned"]
+    metrics = res["metrics"]
+    width = max(8, *(len(c) for c in columns))
+    keys = [k for k in metrics["base"] if not isinstance(metrics["base"][k], dict)]
+    print(f"{'metric':<12} " + " ".join(f"{c:>{width}}" for c in columns))
     for k in keys:
-        print(f"{k:<12} {_num(base[k]):>8} {_num(tuned[k]):>8}")
-    for mode, m in (("base", base), ("tuned", tuned)):
-        cm = m.get("confusion_matrix")
+        print(f"{k:<12} " + " ".join(f"{_num(metrics[c].get(k)):>{width}}" for c in columns))
+    for c in columns:
+        cm = metrics[c].get("confusion_matrix")
         if cm:
-            print(f"confusion matrix, {mode} (rows gold, columns predicted: {', '.join(cm['labels'])}): {cm['matrix']}")
+            print(f"confusion matrix, {c} (rows gold, columns predicted: {', '.join(cm['labels'])}): {cm['matrix']}")
+    for name, path in (res.get("adapters") or {}).items():
+        print(f"{name}: {path}")
+    label = max(10, *(len(c) + 1 for c in columns))
     for ex in res["examples"][:SHOWN_EXAMPLES]:
-        print(f"\nprompt:    {_clip(ex['prompt'])}\nreference: {_clip(ex['reference'])}")
-        for mode in ("base", "tuned"):
-            mark = "=" if ex[f"{mode}_match"] else "x"
-            print(f"{mode + ':':<10} {mark} {_clip(ex[mode])}")
+        print(f"\n{'prompt:':<{label}} {_clip(ex['prompt'])}\n{'reference:':<{label}} {_clip(ex['reference'])}")
+        for c in columns:
+            mark = "=" if ex[f"{c}_match"] else "x"
+            print(f"{c + ':':<{label}} {mark} {_clip(ex[c])}")
     print(f"\nsaved: {res['saved']}")
     return 0
 
