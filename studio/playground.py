@@ -197,7 +197,11 @@ class Playground:
 
         if not self.has_adapter:
             raise PlaygroundError(self._no_adapter())
-        entry = library.resolve(ref, self.run_dir.parent if self.run_dir else None)
+        return self._add_entry(library.resolve(ref, self.run_dir.parent if self.run_dir else None), name)
+
+    def _add_entry(self, entry, name: str | None = None) -> str:
+        from studio.adapters import library
+
         name = name or entry.name
         if self.adapters.get(name) == entry.path:
             return name
@@ -217,6 +221,75 @@ class Playground:
             self._set_adapter(self._active)  # load_adapter may leave another adapter active
         self.adapters[name] = entry.path
         return name
+
+    def load_adapters(self, refs: list[str]) -> list[str]:
+        """Make the adapters `refs` (run folders, adapter folders, library names) loaded, each once;
+        returns their names here, in order. The run's own adapter is "default"; others loaded
+        before stay until room is needed for new ones, then those not asked for now are dropped."""
+        from studio.adapters import library
+
+        if not self.has_adapter:
+            raise PlaygroundError(self._no_adapter())
+        refs = list(refs)
+        if len(refs) > MAX_ADAPTERS:
+            raise PlaygroundError(f"{len(refs)} adapters picked; at most {MAX_ADAPTERS} are loaded beside the run's own")
+        root = self.run_dir.parent if self.run_dir else None
+        found = [library.resolve(r, root) for r in refs]
+        paths = [str(Path(e.path).resolve()) for e in found]
+        by_path = {str(Path(p).resolve()): n for n, p in self.adapters.items()}
+        missing = {p: e for p, e in zip(paths, found) if p not in by_path}
+        spare = [n for n, p in self.adapters.items() if n != "default" and str(Path(p).resolve()) not in paths]
+        while spare and len(self.adapters) - 1 + len(missing) > MAX_ADAPTERS:
+            self.remove_adapter(spare.pop(0))
+        for p, e in missing.items():
+            k = 1
+            while f"extra-{k}" in self.adapters:
+                k += 1
+            by_path[p] = self._add_entry(e, name=f"extra-{k}")
+        return [by_path[p] for p in paths]
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter added with add_adapter (PEFT's delete_adapter); the run's own stays."""
+        if name == "default" or name not in self.adapters:
+            raise PlaygroundError(f"adapter {name!r} cannot be removed; loaded beside the run's own: "
+                                  f"{', '.join(n for n in self.adapters if n != 'default') or 'none'}")
+        with self._lock:
+            if self._active == name:
+                self._set_adapter("default")
+            self.model.delete_adapter(_peft_name(name))
+        del self.adapters[name]
+
+    def select(self, adapter) -> None:
+        """Switch the model to the base (False), the run's own adapter (True) or a loaded one by name,
+        for callers that run `self.model` themselves (batched evaluation); streams switch on their own."""
+        with self._lock:
+            self._set_adapter(self._mode(adapter))
+
+    def format_chat(self, messages: list[dict], system: str = "") -> str:
+        """A conversation as the model reads it before its next reply: the chat template (the one runs
+        on messages train with), the system prompt first when there is one."""
+        msgs = ([{"role": "system", "content": system}] if system and system.strip() else []) + list(messages)
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise PlaygroundError(f"message {i} must be {{'role': system|user|assistant, 'content': text}}, "
+                                      f"got {m!r}"[:300])
+        return chat_prompt(self.tokenizer, msgs, add_generation_prompt=True)
+
+    def chat(self, conversations: dict[str, list[dict]], *, system: str = "", max_new_tokens: int = 64,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> Iterator[dict[str, str]]:
+        """Each column's next reply so far, as all fill up in turns. `conversations` maps "base" or a
+        loaded adapter's name ("default": the run's own) to that column's own messages, which end
+        with the user's turn: each column keeps its own history, since their replies differ."""
+        columns = list(conversations)
+        for c in columns:
+            if c != "base" and c not in self.adapters:
+                raise PlaygroundError(f"adapter {c!r} is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+        args = (max_new_tokens, temperature, top_p, seed, "none")
+        texts = [self._texts(self._steps(self.format_chat(conversations[c], system), False if c == "base" else c,
+                                         *args)) for c in columns]
+        for row in self._interleave(texts):
+            yield dict(zip(columns, row))
 
     def compare(self, prompt: str, adapters: list[str] | None = None, *, max_new_tokens: int = 64,
                 temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
@@ -346,8 +419,9 @@ class Playground:
 
     # --- classification -----------------------------------------------------------------------
 
-    def classify(self, texts: list[str], adapter: bool = True) -> list[dict]:
-        """Per text: {"label": predicted, "probs": {label: p}} (the probabilities sum to 1)."""
+    def classify(self, texts: list[str], adapter: bool | str = True) -> list[dict]:
+        """Per text: {"label": predicted, "probs": {label: p}} (the probabilities sum to 1); adapter:
+        False the base, True the run's own, or a loaded adapter's name."""
         self._need("seq_cls", "classify")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in texts):
@@ -359,7 +433,7 @@ class Playground:
         max_length = self.cfg.data.max_length if self.cfg else min(self.max_positions, self.tokenizer.model_max_length)
         enc = self.tokenizer(texts, truncation=True, max_length=max_length)
         feats = [{"input_ids": i, "attention_mask": a} for i, a in zip(enc["input_ids"], enc["attention_mask"])]
-        return [self._row(p) for p in self._probs(feats, bool(adapter))]
+        return [self._row(p) for p in self._probs(feats, self._mode(adapter))]
 
     def eval_sample(self, n: int = 64, seed: int = 0, examples: int = 8) -> dict:
         """Accuracy of base and tuned on `n` rows of the eval split training held out ("split": "train"
