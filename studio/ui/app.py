@@ -22,6 +22,7 @@ from studio.config import starter_config
 from studio.ui import live
 from studio.ui.login_wall import LoginWall
 from studio.ui.registry import Registry
+from studio.ui.tabs import adapters as adapters_tab
 from studio.ui.tabs import analysis as analysis_tab
 from studio.ui.tabs import data as data_tab
 from studio.ui.tabs import evaluate as evaluate_tab
@@ -85,6 +86,7 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
             # These tabs' build functions return their components; registered here by attribute name.
             for tab, label, build in (("runs", "Runs", runs_tab.build), ("export", "Export", export_tab.build),
                                       ("playground", "Playground", playground_tab.build),
+                                      ("adapters", "Adapters", adapters_tab.build),
                                       ("evaluate", "Evaluate", evaluate_tab.build),
                                       ("analysis", "Analysis", analysis_tab.build)):
                 with gr.Tab(label, id=f"tab-{tab}") as el:
@@ -95,6 +97,7 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
         _wire_runs(ui, root)
         _wire_export(ui, root)
         _wire_playground(ui, root)
+        _wire_adapters(ui, root)
         _wire_evaluate(ui, root)
         _wire_analysis(ui, root)
         load = ui.on(demo.load, _on_page_load(root), ["model.state"],
@@ -295,26 +298,30 @@ def _wire_export(ui: Registry, root: Path):
 # --- playground ----------------------------------------------------------------------------
 
 def _wire_playground(ui: Registry, root: Path):
-    def refresh(v):
-        ids, current = playground_tab.usable_runs(root), v["playground.run"]
-        return {"playground.run": gr.update(choices=ids,
-                                            value=current if current in ids else (ids[0] if ids else None))}
-
-    ui.on(ui["playground.tab"].select, refresh, ["playground.run"], ["playground.run"], **LIGHT)
-
-    def generate(v):
-        for base, tuned in playground_tab.generate(
-                root, v["playground.run"], v["playground.prompt"], max_new_tokens=v["playground.max_new_tokens"],
-                temperature=v["playground.temperature"], top_p=v["playground.top_p"], seed=v["playground.seed"],
-                template=v["playground.template"]):
-            yield {"playground.base": base, "playground.tuned": tuned}
-
-    ins = ["playground.run", "playground.prompt", "playground.max_new_tokens", "playground.temperature",
-           "playground.top_p", "playground.seed", "playground.template"]
-    outs = ["playground.base", "playground.tuned"]
+    columns = [f"playground.{c}" for c in playground_tab.COLUMNS]
+    chats = [f"playground.chat_{c}" for c in playground_tab.COLUMNS]
+    chat_reset = ["playground.chat_state", *chats, "playground.chat_message"]
+    pick = ["playground.run", "playground.adapters"]
+    ui.on(ui["playground.tab"].select, functools.partial(playground_tab.refresh, root), pick,
+          [*pick, "playground.notice", *columns, *chats], **LIGHT)
+    ui.on(ui["playground.run"].change, functools.partial(playground_tab.run_changed, root), pick,
+          ["playground.adapters", *columns, *chat_reset], **LIGHT)
+    ui.on(ui["playground.adapters"].change, functools.partial(playground_tab.adapters_changed, root), pick,
+          [*columns, *chat_reset], **LIGHT)
+    sampling = ["playground.max_new_tokens", "playground.temperature", "playground.top_p", "playground.seed"]
     slot = dict(concurrency_id="playground", concurrency_limit=2)
-    ui.on(ui["playground.generate"].click, generate, ins, outs, api_name="generate", **slot)
-    ui.on(ui["playground.prompt"].submit, generate, ins, outs, **slot)
+    ins = [*pick, "playground.prompt", "playground.template", *sampling]
+    outs = [*columns, "playground.message"]
+    ui.on(ui["playground.generate"].click, functools.partial(playground_tab.generate, root), ins, outs,
+          api_name="generate", **slot)
+    ui.on(ui["playground.prompt"].submit, functools.partial(playground_tab.generate, root), ins, outs, **slot)
+    chat_in = [*pick, "playground.chat_input", "playground.system", "playground.chat_state", *sampling]
+    chat_out = ["playground.chat_input", *chat_reset]
+    ui.on(ui["playground.send"].click, functools.partial(playground_tab.send, root), chat_in, chat_out,
+          api_name="chat", **slot)
+    ui.on(ui["playground.chat_input"].submit, functools.partial(playground_tab.send, root), chat_in, chat_out, **slot)
+    ui.on(ui["playground.clear"].click, lambda v: playground_tab.empty_chat(), [], chat_reset, api_name="chat_clear",
+          **LIGHT)
 
     def evaluate(v):
         text, rows = playground_tab.evaluate(root, v["playground.run"])
@@ -322,6 +329,29 @@ def _wire_playground(ui: Registry, root: Path):
 
     ui.on(ui["playground.evaluate"].click, evaluate, ["playground.run"],
           ["playground.eval_text", "playground.eval_rows"], api_name="evaluate", **slot)
+
+
+# --- adapters ------------------------------------------------------------------------------
+
+def _wire_adapters(ui: Registry, root: Path):
+    listed = ["adapters.table", "adapters.notice", "adapters.pick", "adapters.base"]
+    keep = ["adapters.pick", "adapters.base"]
+    for event in (ui["adapters.tab"].select, ui["adapters.refresh"].click):
+        ui.on(event, functools.partial(adapters_tab.library_view, root), keep, listed, **LIGHT)
+    weights = [f"adapters.weight_{i + 1}" for i in range(adapters_tab.MAX_COMBINE)]
+    check_out = [*weights, "adapters.density", "adapters.methods", "adapters.combine"]
+    for name in ("adapters.pick", "adapters.method"):
+        ui.on(ui[name].change, functools.partial(adapters_tab.combine_check, root), ["adapters.pick", "adapters.method"],
+              check_out, show_progress="hidden", **LIGHT)
+    ui.on(ui["adapters.import_btn"].click, functools.partial(adapters_tab.do_import, root),
+          ["adapters.upload", "adapters.import_path", "adapters.import_name", "adapters.import_base", *keep],
+          ["adapters.import_message", *listed], api_name="import_adapter", **HEAVY)
+    ui.on(ui["adapters.combine"].click, functools.partial(adapters_tab.do_combine, root),
+          ["adapters.pick", "adapters.method", "adapters.density", "adapters.name", *weights, "adapters.base"],
+          ["adapters.combine_message", *listed], api_name="combine_adapters", **HEAVY)
+    ui.on(ui["adapters.compare"].click, functools.partial(adapters_tab.do_compare, root), ["adapters.base"],
+          ["adapters.metrics", "adapters.similarity", "adapters.compare_message"], api_name="compare_adapters",
+          **HEAVY)
 
 
 # --- evaluate ------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ def message_html(text: str, bad: bool = False) -> str:
 
 
 def metrics_html(result: dict) -> str:
-    """A table of the metrics, one row each, base | tuned | change."""
+    """A table of the metrics, one row each: base | tuned | change (or base | each adapter compared)."""
     m = result.get("metrics") or {}
-    base, tuned = m.get("base") or {}, m.get("tuned") or {}
+    cols = result.get("columns") or ["base", "tuned"]
     rows = []
 
     def cell(x, key):
@@ -54,20 +54,25 @@ def metrics_html(result: dict) -> str:
             return "–"
         return f"{x:.1%}" if key in PERCENT else f"{x:.4f}"
 
-    for key in [k for k in METRIC_NAMES if k in base or k in tuned]:
-        b, t = base.get(key), tuned.get(key)
+    base = m.get("base") or {}
+    for key in [k for k in METRIC_NAMES if any(k in (m.get(c) or {}) for c in cols)]:
+        cells = "".join(f"<td class='ev-{'base' if c == 'base' else 'tuned' if c == 'tuned' else 'adapter'}'>"
+                        f"{cell((m.get(c) or {}).get(key), key)}</td>" for c in cols)
         delta = ""
-        if isinstance(b, (int, float)) and isinstance(t, (int, float)):
+        b, t = base.get(key), (m.get("tuned") or {}).get(key)
+        if cols == ["base", "tuned"] and isinstance(b, (int, float)) and isinstance(t, (int, float)):
             better = t < b if key == "loss" else t > b
             sign = "+" if t >= b else "−"
             diff = f"{abs(t - b) * 100:.1f} pt" if key in PERCENT else f"{abs(t - b):.4f}"
             delta = f"<span class='{'ev-up' if better else 'ev-down' if t != b else ''}'>{sign}{diff}</span>"
-        rows.append(f"<tr data-metric='{key}'><th>{METRIC_NAMES[key]}</th><td class='ev-base'>{cell(b, key)}</td>"
-                    f"<td class='ev-tuned'>{cell(t, key)}</td><td>{delta}</td></tr>")
+        rows.append(f"<tr data-metric='{key}'><th>{METRIC_NAMES[key]}</th>{cells}"
+                    + (f"<td>{delta}</td>" if cols == ["base", "tuned"] else "") + "</tr>")
     head = (f"<div class='ev-head'>{html.escape(str(result.get('name')))}: {result.get('n')} examples of "
             f"{html.escape(str(result.get('data')))}</div>")
-    return (head + "<table class='ev-table'><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"
-            + "".join(rows) + "</table>" + "".join(_confusion(m.get(w), w) for w in ("base", "tuned")))
+    titles = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols) + ("<th>change</th>" if cols == ["base", "tuned"]
+                                                                           else "")
+    return (head + f"<table class='ev-table'><tr><th>metric</th>{titles}</tr>" + "".join(rows) + "</table>"
+            + "".join(_confusion(m.get(w), w) for w in cols))
 
 
 def _confusion(metrics: dict | None, who: str) -> str:
@@ -83,13 +88,14 @@ def _confusion(metrics: dict | None, who: str) -> str:
 
 
 def examples_html(result: dict, limit: int = 200) -> str:
-    """Every example (up to `limit`): prompt, reference, base and tuned, a match marked ✔."""
+    """Every example (up to `limit`): prompt, reference, each column's answer, a match marked ✔."""
     ex = result.get("examples") or []
-    out = ["<table class='ev-examples'><tr><th>#</th><th>prompt</th><th>reference</th><th>base</th>"
-           "<th>tuned</th></tr>"]
+    cols = result.get("columns") or ["base", "tuned"]
+    out = ["<table class='ev-examples'><tr><th>#</th><th>prompt</th><th>reference</th>"
+           + "".join(f"<th>{html.escape(str(c))}</th>" for c in cols) + "</tr>"]
     for i, e in enumerate(ex[:limit]):
         cells = []
-        for who in ("base", "tuned"):
+        for who in cols:
             hit = bool(e.get(f"{who}_match"))
             cells.append(f"<td class='ev-{'hit' if hit else 'miss'}' data-match='{int(hit)}'>"
                          f"{'✔ ' if hit else ''}{_text(e.get(who))}</td>")
