@@ -249,16 +249,18 @@ def build(runs_dir: Path) -> SimpleNamespace:
                                   max_choices=len(EXTRA), label="Compare with (same base)", scale=3,
                                   elem_id="playground-adapters",
                                   info="up to two more adapters: runs, checkpoints, combined or imported ones")
-        ui.template = gr.Radio(["auto", "alpaca", "chat", "none"], value="auto", label="prompt template", scale=2,
-                               info="auto: the run's training template; none: the text as typed")
     with gr.Row():
-        ui.max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="max new tokens")
+        ui.max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="max new tokens",
+                                      elem_id="playground-max-new-tokens")
         ui.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature", info="0 = greedy")
         ui.top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p")
         ui.seed = gr.Number(0, precision=0, label="seed")
     labels = columns_view(run_id, {})
     with gr.Tabs():
         with gr.Tab("Prompt", id="playground-mode-prompt"):
+            ui.template = gr.Radio(["auto", "alpaca", "chat", "none"], value="auto", label="prompt template",
+                                   elem_id="playground-template",
+                                   info="auto: the run's training template; none: the text as typed")
             ui.prompt = gr.Textbox(label="Prompt", lines=3, elem_id="playground-prompt",
                                    placeholder="e.g. What is the capital of Iceland?")
             with gr.Row():
