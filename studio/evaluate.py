@@ -268,7 +268,7 @@ def _columns(pg, rd: RunDir, adapters: list[str] | None) -> tuple[dict, dict]:
         if where in seen:
             raise UsageError(f"--adapter {a} is the same adapter as --adapter {seen[where]}; give each once")
         seen[where] = a
-    loaded = pg.load_adapters([e.path for e in entries])
+    loaded = pg.load_adapters([str(a) for a in adapters])
     columns, paths = {"base": False}, {}
     for e, internal in zip(entries, loaded):
         col, k = e.name, 2

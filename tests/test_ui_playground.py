@@ -71,6 +71,8 @@ def test_only_adapters_of_the_same_base_and_not_the_runs_own_are_offered(root):
     assert out["playground.extra_1"]["visible"] and out["playground.extra_1"]["label"] == "Base + beta"
     assert not out["playground.extra_2"]["visible"] and out["playground.tuned"]["label"] == "Base + alpha"
     assert out["playground.chat_state"] == {}
+    assert out["playground.chat_extra_1"]["label"] == "Base + beta" and out["playground.chat_extra_1"]["value"] == []
+    assert not out["playground.chat_extra_2"]["visible"]
 
 
 def test_side_by_side_streams_the_base_and_each_adapter_from_one_loaded_base(root):

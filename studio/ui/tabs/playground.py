@@ -92,15 +92,18 @@ def message(text: str, bad: bool = True) -> str:
     return f"<div class='{'bad' if bad else 'pg-ok'}'>{'⚠ ' if bad else ''}{html.escape(text)}</div>" if text else ""
 
 
-def columns_view(run_id: str | None, extras: Mapping[str, str]) -> dict[str, Any]:
-    """Labels and visibility of every column, prompt and chat alike."""
+def columns_view(run_id: str | None, extras: Mapping[str, str], new_chat: bool = False) -> dict[str, Any]:
+    """Labels and visibility of every column, prompt and chat alike; new_chat: the chat emptied too
+    (other columns make another conversation)."""
     labels = {"base": "Base model", "tuned": f"Base + {run_id}" if run_id else "Base + adapter",
               **{c: f"Base + {extras[c]}" if c in extras else "" for c in EXTRA}}
     out = {}
     for c in COLUMNS:
         shown = c in ("base", "tuned") or c in extras
         out[f"playground.{c}"] = gr.update(label=labels[c], visible=shown)
-        out[f"playground.chat_{c}"] = gr.update(label=labels[c], visible=shown)
+        out[f"playground.chat_{c}"] = gr.update(label=labels[c], visible=shown, **({"value": []} if new_chat else {}))
+    if new_chat:
+        out.update({"playground.chat_state": {}, "playground.chat_message": ""})
     return out
 
 
@@ -130,12 +133,12 @@ def run_changed(runs_dir: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     known = adapter_choices(runs_dir, run_id)
     keep = [n for n in v["playground.adapters"] or [] if n in known][: len(EXTRA)]
     return {"playground.adapters": gr.update(choices=list(known), value=keep),
-            **columns_view(run_id, dict(zip(EXTRA, keep))), **empty_chat()}
+            **columns_view(run_id, dict(zip(EXTRA, keep)), new_chat=True)}
 
 
 def adapters_changed(runs_dir: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     names = list(v["playground.adapters"] or [])[: len(EXTRA)]
-    return {**columns_view(v["playground.run"], dict(zip(EXTRA, names))), **empty_chat()}
+    return columns_view(v["playground.run"], dict(zip(EXTRA, names)), new_chat=True)
 
 
 # --- generation -----------------------------------------------------------------------------
