@@ -484,8 +484,11 @@ def test_pickled_models_and_adapters_are_refused_never_loaded(no_unpickling, tmp
     (run / runs.ADAPTER).mkdir()
     for f in adapter.iterdir():
         (run / runs.ADAPTER / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(gr.Error, match="pickled"):
-        next(playground_tab.generate(root, "pickled-run", "hi", 8, 0.0, 0.9, 0, "auto"))
+    values = {"playground.run": "pickled-run", "playground.adapters": [], "playground.prompt": "hi",
+              "playground.template": "auto", "playground.max_new_tokens": 8, "playground.temperature": 0.0,
+              "playground.top_p": 0.9, "playground.seed": 0}
+    shown = [u["playground.message"] for u in playground_tab.generate(root, values) if u.get("playground.message")]
+    assert len(shown) == 1 and "pickled" in shown[0]
     assert cli.main(["generate", str(run), "--prompt", "hi"]) == 2
     assert "pickled" in capsys.readouterr().err
     with pytest.raises(AnalysisError, match="pickled"):
