@@ -93,9 +93,10 @@ def evaluate(run_dir, data: str | None = None, *, limit: int | None = None,
 
     from studio.playground import Playground
 
+    entries = _adapter_entries(rd, cfg, adapters) if adapters else []  # refused before any model loads
     t0 = time.perf_counter()
     pg = Playground.for_run(rd.path, cache=False)
-    columns, paths = _columns(pg, rd, adapters)
+    columns, paths = _columns(pg, entries, adapters)
     load_s = time.perf_counter() - t0
     report = progress or (lambda done, total, phase: None)
     t1 = time.perf_counter()
@@ -254,20 +255,29 @@ def _example(row: dict, d, where: str) -> tuple[Example | None, str | None]:
     return Example(shown, "", reference, {"messages": msgs[: last + 1]}, where, before), None
 
 
-def _columns(pg, rd: RunDir, adapters: list[str] | None) -> tuple[dict, dict]:
-    """{column: the playground's adapter argument} and {column: adapter folder} for the adapters asked
-    for; without any, {"base": False, "tuned": True} (the run's own adapter)."""
+def _adapter_entries(rd: RunDir, cfg, adapters: list[str]) -> list:
+    """The library entries of the adapters asked for: each given once, each of the run's base."""
     from studio.adapters import library
 
-    if not adapters:
-        return {"base": False, "tuned": True}, {}
     entries = [library.resolve(str(a), rd.path.parent) for a in adapters]
     seen: dict[str, str] = {}
+    mine = library.Entry(rd.id, str(rd.path), cfg.model.name_or_path, cfg.model.task, "run", None, None, [], 0)
     for a, e in zip(adapters, entries):
         where = str(Path(e.path).resolve())
         if where in seen:
             raise UsageError(f"--adapter {a} is the same adapter as --adapter {seen[where]}; give each once")
         seen[where] = a
+        if not library.same_base(mine, e):
+            raise UsageError(f"--adapter {a}: {e.name} was trained on {e.base}, not on {cfg.model.name_or_path} "
+                             f"(the base of run {rd.id}); pick adapters of that base (studio adapters list)")
+    return entries
+
+
+def _columns(pg, entries: list, adapters: list[str] | None) -> tuple[dict, dict]:
+    """{column: the playground's adapter argument} and {column: adapter folder} for the adapters asked
+    for; without any, {"base": False, "tuned": True} (the run's own adapter)."""
+    if not adapters:
+        return {"base": False, "tuned": True}, {}
     loaded = pg.load_adapters([str(a) for a in adapters])
     columns, paths = {"base": False}, {}
     for e, internal in zip(entries, loaded):
