@@ -83,3 +83,35 @@ def test_adapters_of_another_base_or_unknown_names_are_refused(setup):
         pg.add_adapter(str(others["gpt2"]))
     with pytest.raises(PlaygroundError, match="adapter 'nope' is not loaded; loaded: default"):
         pg.generate("Hi", adapter="nope", max_new_tokens=2)
+
+
+def test_load_adapters_reuses_what_is_loaded_and_drops_unasked_ones_only_for_room(setup, tmp_path, monkeypatch):
+    pg, run, others = setup
+    two, three = pg.load_adapters([str(others["two"]), str(others["three"])])
+    assert pg.adapters[two] == str(others["two"]) and pg.adapters[three] == str(others["three"])
+    assert pg.load_adapters([str(run)]) == ["default"]  # the run's own adapter is not loaded twice
+    four, five = _adapter(tmp_path / "four", seed=7), _adapter(tmp_path / "five", seed=8)
+    loads = []
+    real = pg.model.load_adapter
+    monkeypatch.setattr(pg.model, "load_adapter", lambda *a, **k: loads.append(a) or real(*a, **k))
+    names = pg.load_adapters([str(four), str(five), str(others["two"])])
+    assert len(loads) == 2 and names[2] == two
+    assert three not in pg.adapters and len(pg.adapters) == 1 + pgm.MAX_ADAPTERS  # dropped for room, nothing more
+    ids = torch.tensor([pg.encode("Hi")])
+    assert torch.allclose(pg.logits("Hi", adapter=names[0]), _alone(four, ids), atol=1e-5)
+    with pytest.raises(PlaygroundError, match="cannot be removed"):
+        pg.remove_adapter("default")
+
+
+def test_chat_answers_each_columns_own_conversation_with_the_system_prompt_first(setup):
+    pg, _, _ = setup
+    convs = {"base": [{"role": "user", "content": "Hi"}],
+             "default": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                         {"role": "user", "content": "More?"}]}
+    last = list(pg.chat(convs, system="Be brief.", max_new_tokens=6, temperature=0.0))[-1]
+    for col, adapter in (("base", False), ("default", True)):
+        text = pg.format_chat(convs[col], "Be brief.")
+        assert text.index("Be brief.") < text.index("Hi")
+        assert last[col] == pg.generate(text, adapter=adapter, max_new_tokens=6, temperature=0.0, template="none")
+    with pytest.raises(PlaygroundError, match="message 0 must be"):
+        pg.format_chat([{"role": "robot", "content": "x"}])
