@@ -796,3 +796,19 @@ def test_merged_model_is_offered_as_its_files_without_a_zip(eval_root, monkeypat
 def _merge_dict(run):
     return {"out": str(run / "merged"), "tensors_merged": 1, "tensors_copied": 1, "size_mb": 1.0, "shards": 1,
             "dtype": "float32", "seconds": 0.1, "peak_rss_mb": 1.0}
+
+
+def test_evaluate_tables_of_several_adapters_show_one_column_each():
+    from studio.ui.tabs import evaluate as eval_tab
+
+    res = {"name": "heldout-adapters", "n": 2, "data": "x.jsonl", "columns": ["base", "run-a", "mix"],
+           "metrics": {"base": {"exact_match": 0.0, "loss": 3.0}, "run-a": {"exact_match": 0.5, "loss": 2.0},
+                       "mix": {"exact_match": 1.0, "loss": 1.5}},
+           "examples": [{"prompt": "p", "reference": "r", "base": "x", "run-a": "r", "mix": "r",
+                         "base_match": False, "run-a_match": True, "mix_match": True}]}
+    table = eval_tab.metrics_html(res)
+    assert "<th>metric</th><th>base</th><th>run-a</th><th>mix</th></tr>" in table and "change" not in table
+    assert ("<td class='ev-base'>0.0%</td><td class='ev-adapter'>50.0%</td><td class='ev-adapter'>100.0%</td>"
+            in table)
+    examples = eval_tab.examples_html(res)
+    assert "<th>run-a</th><th>mix</th>" in examples and examples.count("data-match='1'") == 2
