@@ -11,7 +11,10 @@ Generation is a manual loop over a KV cache, one token per step, each step under
 playground's lock: streams (UI requests, the two columns of `side_by_side`) interleave step by
 step, each with its own cache and mode, and no lock is held across a `yield`. Sampling draws
 from a `torch.Generator` seeded per call: the same seed gives the same text. Prompts are the
-training text (`alpaca_prompt`, `chat_prompt`, the trainer's BOS rule). Classification runs get
+training text (`alpaca_prompt`, `chat_prompt`, the trainer's BOS rule); `chat` renders each
+column's own conversation (they differ once the replies do) with the chat template, a system
+prompt first. Other adapters of the same base are PEFT's named adapters on the one model
+(`add_adapter`, `load_adapters`), switched per step like the base, never re-read. Classification runs get
 `classify` and `eval_sample` (the eval split of `build_datasets`). Nothing here prints.
 """
 
