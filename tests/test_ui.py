@@ -184,7 +184,8 @@ def _fake_run(root, name: str, rows: list[dict]):
 
 
 def _lines(fig: dict) -> list[tuple[list, list]]:
-    return [(list(t["x"]), list(t["y"])) for t in fig["data"]]
+    """The measured lines (the live view appends to these; smoothed ones are derived from them)."""
+    return [(list(t["x"]), list(t["y"])) for t in fig["data"] if "smooth_of" not in (t.get("meta") or {})]
 
 
 def _extend(lines, tails):
@@ -205,21 +206,22 @@ def test_live_view_sends_new_points_that_continue_the_whole_chart(tmp_path):
     meta, fig = _ask(tmp_path, None, "")
     assert meta["run"] == d.name and fig is not None and "append" not in meta
     held, token = _lines(fig), meta["seen"]
-    assert len(held) == 3 and held[0][0] == list(range(1, 11))  # train, smoothed, learning rate
+    assert len(held) == 2 and held[0][0] == list(range(1, 11))  # train, learning rate
+    assert [t["name"] for t in fig["data"]] == ["train loss", "train loss (smoothed)", "learning rate"]
 
     meta, fig = _ask(tmp_path, d.name, token)  # nothing new: neither points nor chart
     assert fig is None and "append" not in meta and meta["seen"] == token
     with open(d / "metrics.jsonl", "a") as f:
         f.write("".join(json.dumps(row(s)) + "\n" for s in range(11, 15)))
     meta, fig = _ask(tmp_path, d.name, token)
-    assert fig is None and [t[0] for t in meta["append"]] == [[11, 12, 13, 14]] * 3
+    assert fig is None and [t[0] for t in meta["append"]] == [[11, 12, 13, 14]] * 2
     held = _extend(held, meta["append"])
     assert held == _lines(_ask(tmp_path, d.name, "")[1])  # exactly the whole chart
 
     with open(d / "metrics.jsonl", "a") as f:  # the first eval: a new line on the chart
         f.write(json.dumps(row(15, eval_loss=4.5)) + "\n")
     meta, fig = _ask(tmp_path, d.name, meta["seen"])
-    assert fig is not None and len(fig["data"]) == 4 and "append" not in meta
+    assert fig is not None and len(fig["data"]) == 4 and len(_lines(fig)) == 3 and "append" not in meta
     token = meta["seen"]
     with open(d / "metrics.jsonl", "a") as f:  # a crash, then a resume from step 12: 13-15 come again
         f.write(json.dumps({"event": "resumed", "step": 12}) + "\n" + json.dumps(row(13)) + "\n")
@@ -812,3 +814,75 @@ def test_evaluate_tables_of_several_adapters_show_one_column_each():
             in table)
     examples = eval_tab.examples_html(res)
     assert "<th>run-a</th><th>mix</th>" in examples and examples.count("data-match='1'") == 2
+
+
+def _debiased(values, w):
+    """TensorBoard's debiased EMA, written out directly."""
+    out, acc = [], 0.0
+    for t, v in enumerate(values, 1):
+        acc = w * acc + (1 - w) * v
+        out.append(acc / (1 - w ** t))
+    return out
+
+
+def test_smoothed_loss_is_debiased_and_its_window_scales_with_the_points():
+    """The smoothed loss stays within the raw losses it averages: at the end of a short run it is
+    not pulled up by the first steps' high losses (an EMA of weight 0.9 read 0.29 over raw values
+    of 0.06-0.25), its first point is the first loss, and 0 turns it off."""
+    from studio.ui.widgets import charts
+
+    raw = [2.0, 1.2, 0.8, 0.5, 0.4, 0.3] + [0.06, 0.25, 0.12, 0.18, 0.09, 0.2, 0.07, 0.15] * 3
+    rows = [{"step": i + 1, "loss": v} for i, v in enumerate(raw)]
+    spec = charts.loss_spec({"run": rows})
+    sm = next(t for t in spec["data"] if t["name"] == "train loss (smoothed)")
+    assert sm["meta"] == {"smooth_of": 0} and sm["x"] == list(range(1, len(raw) + 1))
+    w = charts.DEFAULT_SMOOTHING ** (charts.SMOOTHING_REF_POINTS / len(raw))
+    assert sm["y"] == pytest.approx(_debiased(raw, w), rel=1e-12)
+    assert sm["y"][0] == pytest.approx(raw[0])
+    assert min(raw[-8:]) <= sm["y"][-1] <= max(raw[-8:])
+    # the same share of the run at any length: heavier over more points, never past MAX_SMOOTHING
+    assert charts.smoothing_weight(0.6, 100) == pytest.approx(0.6)
+    assert charts.smoothing_weight(0.6, 10) < 0.6 < charts.smoothing_weight(0.6, 1000) < 1
+    assert charts.smoothing_weight(0.0, 500) == 0 and charts.smooth(raw, 0) == raw
+    off = charts.loss_spec({"run": rows}, smoothing=0)
+    assert [t.get("visible", True) for t in off["data"]] == [True, False]
+    # the learning-rate axis never goes below 0 (a cosine schedule ends at 0; autorange padded below it)
+    assert spec["layout"]["yaxis2"]["rangemode"] == "nonnegative"
+
+
+def test_status_line_shows_the_loss_of_the_step_it_names(tmp_path):
+    """status.json is written at the end of a step, before that step's loss is logged, so its
+    last_loss is one step behind its step; the status line takes step and loss from one place."""
+    from studio import runs
+
+    rows = [{"step": s, "loss": 3.0 - s / 10} for s in range(1, 6)]
+    d = _fake_run(tmp_path, "20260101-000000-a", rows)
+    runs.write_json_atomic(d / runs.STATUS, {"state": "completed", "step": 5, "max_steps": 10, "last_loss": 2.6})
+    status = live.payload(tmp_path, d.name, "")[0]["status"]
+    assert "step 5 / 10" in status and "loss 2.5000" in status and "2.6000" not in status
+    with open(d / runs.METRICS, "a") as f:  # logged after status.json was last written
+        f.write(json.dumps({"step": 6, "loss": 2.4}) + "\n")
+    status = live.payload(tmp_path, d.name, "")[0]["status"]
+    assert "step 6 / 10" in status and "loss 2.4000" in status
+    with open(d / runs.METRICS, "a") as f:  # logging_steps > 1: the loss says which step it is from
+        f.write(json.dumps({"step": 8, "eval_loss": 2.3}) + "\n")
+    runs.write_json_atomic(d / runs.STATUS, {"state": "completed", "step": 8, "max_steps": 10})
+    status = live.payload(tmp_path, d.name, "")[0]["status"]
+    assert "step 8 / 10" in status and "loss 2.4000 (step 6)" in status
+
+
+def test_loss_chart_marks_the_best_step(tmp_path):
+    from studio import runs
+    from studio.ui.widgets import charts
+
+    d = _fake_run(tmp_path, "20260101-000000-a", [{"step": s, "loss": 3.0, "eval_loss": 2.0} for s in range(1, 6)])
+    meta = live.payload(tmp_path, d.name, "")[0]
+    assert meta["marks"] == {"shapes": [], "annotations": []}
+    runs.write_json_atomic(d / runs.STATUS, {"state": "completed", "step": 5, "max_steps": 5, "best_step": 4,
+                                             "best_metric": 1.8765, "best_metric_name": "eval_loss"})
+    meta = live.payload(tmp_path, d.name, "")[0]
+    (line,), (label,) = meta["marks"]["shapes"], meta["marks"]["annotations"]
+    assert line["x0"] == line["x1"] == 4 and line["yref"] == "paper"
+    assert label["x"] == 4 and label["text"] == "best eval_loss 1.877 (step 4)"
+    fig = charts.loss_figure({"run": runs.read_metrics(d)[0]}, marks=meta["marks"])
+    assert fig.layout.shapes[0].x0 == 4 and fig.layout.annotations[0].text.startswith("best eval_loss")

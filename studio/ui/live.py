@@ -32,7 +32,14 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from studio import runs
-from studio.ui.widgets.charts import Series, loss_plot
+from studio.ui.widgets.charts import (
+    DEFAULT_SMOOTHING,
+    MAX_SMOOTHING,
+    SMOOTHING_REF_POINTS,
+    Series,
+    best_marks,
+    loss_plot,
+)
 
 LIVE_PATH, PLOTLY_PATH = "/studio/live", "/studio/plotly.min.js"
 TICK_ACTIVE_MS, TICK_IDLE_MS = 1000, 5000
@@ -49,7 +56,38 @@ const root = ((window.gradio_config && window.gradio_config.root) || '').replace
 const q = (sel) => element.querySelector(sel);
 const MAX_HELD = 3000;  // points a line may grow to by appends before the tab asks for the thinned chart
 const tab = Math.random().toString(36).slice(2, 12) + Date.now().toString(36);
-let shown = null, seen = '', timer = null, inFlight = false, again = false, failures = 0;
+let shown = null, seen = '', timer = null, inFlight = false, again = false, failures = 0, marksShown = '';
+// The smoothed loss, as charts.smooth computes it: TensorBoard's debiased EMA, its weight scaled to
+// the number of points, recomputed from the raw line whenever points are appended or the slider moves.
+const slider = q('.lv-smooth input');
+const SMOOTH_KEY = 'studio.loss-smoothing';
+const stored = parseFloat(localStorage.getItem(SMOOTH_KEY));
+if (Number.isFinite(stored) && stored >= 0 && stored <= __MAXSMOOTH__) slider.value = String(stored);
+function smoothing() { const s = parseFloat(slider.value); return Number.isFinite(s) && s > 0 ? s : 0; }
+function smoothWeight(s, n) { return s > 0 && n > 0 ? Math.pow(Math.min(s, __MAXSMOOTH__), __SMOOTHREF__ / n) : 0; }
+function smoothed(ys, s) {
+  const w = smoothWeight(s, ys.length);
+  if (w === 0) return ys.slice();
+  const out = new Array(ys.length);
+  let acc = 0;
+  for (let t = 0; t < ys.length; t++) { acc = w * acc + (1 - w) * ys[t]; out[t] = acc / (1 - Math.pow(w, t + 1)); }
+  return out;
+}
+async function resmooth() {
+  const div = q('.lv-plot');
+  q('.lv-smooth-val').textContent = smoothing() ? smoothing().toFixed(2) : 'off';
+  if (!div.data || !window.Plotly) return;
+  const s = smoothing(), idx = [], raw = [], xs = [], ys = [];
+  div.data.forEach((t, i) => {
+    const k = t.meta && t.meta.smooth_of;
+    if (k == null || !div.data[k]) return;
+    idx.push(i); raw.push(k); xs.push(Array.from(div.data[k].x)); ys.push(smoothed(Array.from(div.data[k].y), s));
+  });
+  if (!idx.length) return;
+  await window.Plotly.restyle(div, {x: xs, y: ys, visible: s > 0}, idx);
+  await window.Plotly.restyle(div, {opacity: s > 0 ? 0.35 : 1}, raw);
+}
+slider.addEventListener('input', () => { localStorage.setItem(SMOOTH_KEY, slider.value); resmooth(); });
 function ensurePlotly() {
   if (window.Plotly) return Promise.resolve(window.Plotly);
   if (!window.__studioPlotly) {
@@ -77,11 +115,21 @@ async function apply(d) {
   if (d.plot) {
     const Plotly = await ensurePlotly();
     await Plotly.react(div, d.plot.data, d.plot.layout, {responsive: true, displaylogo: false});
+    marksShown = '';
+    await resmooth();
   } else if (d.append) {
+    // the answer's lines are the measured ones, in order; smoothed lines are derived here
+    const measured = div.data ? div.data.map((t, i) => i).filter(i => !(div.data[i].meta && div.data[i].meta.smooth_of != null)) : [];
     const idx = [], xs = [], ys = [];
-    d.append.forEach((t, i) => { if (t[0].length) { idx.push(i); xs.push(t[0]); ys.push(t[1]); } });
-    if (!div.data || div.data.length !== d.append.length) whole = false;
-    else if (idx.length) await (await ensurePlotly()).extendTraces(div, {x: xs, y: ys}, idx);
+    d.append.forEach((t, i) => { if (t[0].length) { idx.push(measured[i]); xs.push(t[0]); ys.push(t[1]); } });
+    if (!div.data || measured.length !== d.append.length) whole = false;
+    else if (idx.length) { await (await ensurePlotly()).extendTraces(div, {x: xs, y: ys}, idx); await resmooth(); }
+  }
+  const marks = JSON.stringify(d.marks || {});
+  if (div.data && window.Plotly && marks !== marksShown) {
+    const m = d.marks || {};
+    await window.Plotly.relayout(div, {shapes: m.shapes || [], annotations: m.annotations || []});
+    marksShown = marks;
   }
   const held = div.data ? Math.max(0, ...div.data.map(t => t.x.length)) : 0;
   seen = whole && held <= MAX_HELD ? d.seen : '';
@@ -131,10 +179,17 @@ CSS = """
 .lv-status { font-size: 1.05em; min-height: 1.6em; }
 .lv-plot { min-height: 340px; }
 .lv-note { color: #b45309; font-size: 12px; }
+.lv-smooth { font-size: 12px; display: flex; gap: 8px; align-items: center; justify-content: flex-end; }
+.lv-smooth input { width: 160px; }
 """
 
 TEMPLATE = ("<div class='lv'><div id='run-status' class='lv-status'></div><div id='run-progress' class='lv-progress'></div>"
-            "<div class='lv-note'></div><div id='loss-plot'><div class='lv-plot'></div></div></div>")
+            "<div class='lv-note'></div>"
+            "<label class='lv-smooth' title='Debiased moving average of the train loss, as TensorBoard draws it; "
+            "the window scales with the number of points. 0: off'>smoothing "
+            f"<input id='loss-smoothing' type='range' min='0' max='{MAX_SMOOTHING:g}' step='0.01' "
+            f"value='{DEFAULT_SMOOTHING:g}'><span class='lv-smooth-val'>{DEFAULT_SMOOTHING:.2f}</span></label>"
+            "<div id='loss-plot'><div class='lv-plot'></div></div></div>")
 
 
 class LiveRun(gr.HTML):
@@ -143,7 +198,8 @@ class LiveRun(gr.HTML):
     def __init__(self, value=None, **kwargs):
         js = (JS.replace("__PLOTLY__", PLOTLY_PATH).replace("__LIVE__", LIVE_PATH)
               .replace("__ACTIVE__", str(TICK_ACTIVE_MS)).replace("__IDLE__", str(TICK_IDLE_MS))
-              .replace("__MAXPOLL__", str(MAX_POLL_MS)))
+              .replace("__MAXPOLL__", str(MAX_POLL_MS)).replace("__MAXSMOOTH__", repr(MAX_SMOOTHING))
+              .replace("__SMOOTHREF__", str(SMOOTHING_REF_POINTS)))
         super().__init__(value=value or {"run": None, "active": False}, html_template=TEMPLATE,
                          css_template=CSS, js_on_load=js, **kwargs)
 
@@ -236,6 +292,11 @@ class Curve:
                 self.version += 1
             return self.version
 
+    def last_train(self) -> tuple | None:
+        """(step, loss) of the newest train loss read."""
+        with self.lock:
+            return self.series.train[-1] if self.series.train else None
+
     def plot(self):
         with self.lock:
             version, plot = self._plot
@@ -286,13 +347,21 @@ def curve_of(run_dir) -> Curve:
         return c
 
 
-def status_view(run_dir: Path | None) -> tuple[str, str, bool]:
-    """(run-status HTML, run-progress HTML, whether the run is active)."""
+def status_view(run_dir: Path | None, st: dict | None = None) -> tuple[str, str, bool]:
+    """(run-status HTML, run-progress HTML, whether the run is active); `st`: the run's status, if read.
+
+    The step shown is the newer of status.json's (written at most once a second) and the last
+    logged loss's, and the loss is the one logged at that step (or says which step it is from)."""
     if run_dir is None:
         return "<div class='rs'>No run yet: press <b>Start training</b>.</div>", _bar(0, 0), False
-    st = runs.read_status(run_dir)
-    last = curve_of(run_dir).last
+    curve = curve_of(run_dir)
+    if st is None:
+        st = runs.read_status(run_dir)
+        curve.update()
+    last, logged = curve.last, curve.last_train()
     step, total = st.get("step") or 0, st.get("max_steps") or 0
+    if logged is not None and logged[0] > step:
+        step = logged[0]
     state_name = st.get("state", "queued")
     bits = [f"<span class='badge st-{state_name}'>{state_name}</span>",
             f"<b>{html.escape(Path(run_dir).name)}</b>", f"step {step} / {total}"]
@@ -305,9 +374,11 @@ def status_view(run_dir: Path | None) -> tuple[str, str, bool]:
         bits.append(f"ETA {_dur(st['eta_s'])}")
     if last.get("tokens_per_s"):
         bits.append(f"{last['tokens_per_s']:,.0f} tokens/s")
-    loss = st.get("last_loss", last.get("loss"))
-    if loss is not None:
-        bits.append(f"loss {loss:.4f}")
+    if logged is not None:
+        at, loss = logged
+        bits.append(f"loss {loss:.4f}" + ("" if at == step else f" (step {at})"))
+    elif st.get("last_loss") is not None:
+        bits.append(f"loss {st['last_loss']:.4f}")
     if st.get("eval_loss") is not None:
         bits.append(f"eval loss {st['eval_loss']:.4f}")
     if last.get("eval_accuracy") is not None:
@@ -395,10 +466,12 @@ def payload(root: Path, run_id: str | None, seen: str) -> tuple[dict, str | None
         status, bar, _ = status_view(None)
         return {"run": None, "active": False, "status": status, "progress": bar, "seen": ""}, None
     curve = curve_of(d)
+    st = runs.read_status(d)  # before the metrics: the step it names is then never ahead of the losses read
     curve.update()
-    status, bar, is_active = status_view(d)
+    status, bar, is_active = status_view(d, st)
     token = curve.token()
-    meta = {"run": d.name, "active": is_active, "status": status, "progress": bar, "seen": token}
+    meta = {"run": d.name, "active": is_active, "status": status, "progress": bar, "seen": token,
+            "marks": best_marks(st)}
     if seen == token:
         return meta, None
     tails = curve.since(seen)
