@@ -21,13 +21,14 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def serving(proc, port, log_path, timeout=180) -> bool:
-    """True once the server answers on `port` and has passed gradio's own start-up check."""
+    """True once the server answers on `port` and has passed gradio's own start-up check
+    (studio.ui.app.serving_line, printed after gradio's launch returns)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             return False
-        # gradio prints its share-link hint only once its check of itself has passed
-        if "To create a public link" in log_path.read_text():
+        # the studio says where it serves once gradio's launch (and its check of itself) returned
+        if f"serving on http://127.0.0.1:{port} " in log_path.read_text():
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
             return True
         time.sleep(0.5)

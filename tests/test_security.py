@@ -145,6 +145,9 @@ class FakeDemo:
     def launch(self, **kw):
         self.kw = kw
 
+    def block_thread(self):
+        pass
+
 
 @pytest.fixture
 def fake_launch(monkeypatch, tmp_path):

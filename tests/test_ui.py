@@ -886,3 +886,40 @@ def test_loss_chart_marks_the_best_step(tmp_path):
     assert label["x"] == 4 and label["text"] == "best eval_loss 1.877 (step 4)"
     fig = charts.loss_figure({"run": runs.read_metrics(d)[0]}, marks=meta["marks"])
     assert fig.layout.shapes[0].x0 == 4 and fig.layout.annotations[0].text.startswith("best eval_loss")
+
+
+def test_page_config_is_plain_data_that_copies_without_the_app(tmp_path):
+    """gradio deep-copies the page config on every page load. A prop that is not plain data (the
+    module tree's tree_html was an event-listener partial bound to the component) drags the whole
+    app into that copy, event loop included: the copy fails and the half-copied loops' __del__
+    printed "'_UnixSelectorEventLoop' object has no attribute '_closed'" into the server log."""
+    import copy
+
+    from studio.ui import app
+
+    demo = app.build_app(tmp_path, "tiny-llama")
+    cfg = demo.get_config_file()
+    tree = next(c for c in cfg["components"] if c["props"].get("elem_id") == "module-tree")
+    assert isinstance(tree["props"]["tree_html"], str)
+    copy.deepcopy(cfg)  # raised TypeError: cannot pickle '_thread.lock' object
+
+
+def test_launch_says_where_it_serves_and_offers_no_share_link(monkeypatch, tmp_path, capsys):
+    from studio.ui import app
+
+    class Demo:
+        def queue(self, **kw):
+            return self
+
+        def launch(self, **kw):
+            self.kw = kw
+
+        def block_thread(self):
+            self.blocked = True
+
+    demo = Demo()
+    monkeypatch.setattr(app, "build_app", lambda root, model=None: demo)
+    monkeypatch.setattr(app, "calm_queue", lambda d: True)
+    app.launch("127.0.0.1", 7999, None, tmp_path)
+    assert demo.kw["share"] is False and demo.kw["quiet"] is True  # gradio's share-link hint stays unsaid
+    assert demo.blocked and app.serving_line("127.0.0.1", 7999) in capsys.readouterr().out

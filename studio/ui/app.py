@@ -482,11 +482,23 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, r
     demo = build_app(root, ref)
     demo.queue(default_concurrency_limit=4)
     calm_queue(demo)
+    # quiet: gradio's own start-up lines include "To create a public link, set `share=True`", an
+    # invitation this studio never takes; it says where it serves itself, once launch has returned
+    # (gradio has then checked that its page answers).
     demo.launch(server_name=host, server_port=port, auth=creds, share=False, allowed_paths=[str(root)],
                 max_file_size=max_bytes, enable_monitoring=False, show_error=True,
-                prevent_thread_lock=prevent_thread_lock, quiet=quiet, css=CSS, footer_links=[],
+                prevent_thread_lock=True, quiet=True, css=CSS, footer_links=[],
                 # No call history kept in the browser or offered to sync to the Hub, no
                 # unauthenticated /openapi.json, and with auth nothing but the login page.
                 run_history=False, app_kwargs={"openapi_url": None, "middleware": [Middleware(LoginWall)],
                                                  "routes": live.routes(root)})
+    if not quiet:
+        print(serving_line(host, getattr(demo, "server_port", None) or port), flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()
     return demo
+
+
+def serving_line(host: str, port: int) -> str:
+    """What the server prints once it answers (tests/browser.py waits for it)."""
+    return f"LoRA Studio serving on http://{host}:{port} (share links off)"

@@ -69,6 +69,12 @@ class ModuleTree(gr.HTML):
     def __init__(self, value=None, tree_html: str = "", **kwargs):
         super().__init__(value=value or [], html_template="<div class='mt'>${tree_html}</div>",
                          css_template=CSS, js_on_load=JS, tree_html=tree_html, **kwargs)
+        # gradio builds the page config from the attributes named like __init__'s parameters; without
+        # this one, gr.HTML's __getattr__ answers an event-listener partial bound to this component
+        # (the name is quoted in the JS), and every page load deep-copies the whole app through it,
+        # leaving half-copied event loops whose __del__ fills the log with "'_UnixSelectorEventLoop'
+        # object has no attribute '_closed'".
+        self.tree_html = tree_html
 
     def preprocess(self, payload):
         return list(payload) if isinstance(payload, (list, tuple)) else []
