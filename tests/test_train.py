@@ -350,3 +350,54 @@ def test_stop_waits_for_a_slow_step_and_its_save(env, dataset, tmp_path, capsys)
     st = runs.read_status(run_dir)
     assert rc == 0 and "killed if it has not stopped after 0.2 s" in err
     assert st["state"] == "failed" and "killed as asked" in st["error"] and not st["alive"]
+
+
+@pytest.mark.slow
+def test_continue_a_completed_run_from_its_final_adapter(completed, env, tmp_path, capsys):
+    """`studio train --continue RUN --steps N`: a new run that records its parent and starts from the
+    parent's final adapter, so its first loss is where the parent ended, not the untrained value."""
+    from studio import cli
+
+    assert cli.main(["train", "--continue", str(completed), "--steps", "6", "--runs-dir", str(tmp_path),
+                     "--detach"]) == 0
+    child = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert child.parent == tmp_path and child != completed
+    st = wait_final(child)
+    assert st["state"] == "completed" and st["step"] == 6, (st, runs.log_tail(child, 40))
+    parent_st = runs.read_status(completed)
+    assert st["parent"] == {"run": completed.name, "dir": str(completed.resolve()), "step": parent_st["step"],
+                            "adapter_step": parent_st["adapter_step"]}
+    assert runs.RunDir(child).parent()["run"] == completed.name
+    assert (child / runs.CONFIG).read_text().count("max_steps: 6") == 1
+    before, after = losses(completed), losses(child)
+    untrained, ended = before[1], sum(before[s] for s in range(26, 31)) / 5
+    print(f"parent step 1 {untrained:.3f}, parent last 5 {ended:.3f}, continued step 1 {after[1]:.3f}")
+    # the continued run's first batch is the parent's first batch (same seed, same order)
+    assert after[1] < untrained - 0.4 and abs(after[1] - ended) < abs(after[1] - untrained) / 3
+    assert "continuing from" in runs.log_tail(child, 80)
+
+
+def test_continue_refuses_runs_that_are_not_completed_and_bad_step_counts(tmp_path, capsys):
+    from studio import cli
+
+    run_dir = runs.create_run(make_cfg(tmp_path / "none.jsonl"), tmp_path)
+    cases = [
+        (["--continue", str(run_dir), "--steps", "5"], "is queued (step 0 of 30); only a completed run can be continued"),
+        (["--continue", str(tmp_path / "nope"), "--steps", "5"], "is not a run folder (no config.yaml)"),
+        (["--continue", str(run_dir)], "--continue RUN_DIR needs --steps N"),
+        (["--steps", "5", "x.yaml"], "--steps goes with --continue RUN_DIR"),
+    ]
+    runs.write_json_atomic(run_dir / runs.STATUS, {**runs.read_json(run_dir / runs.STATUS), "state": "stopped"})
+    cases[0] = (cases[0][0], "is stopped (step 0 of 30); only a completed run can be continued; resume it instead: "
+                             f"studio train --resume {run_dir}")
+    for args, needle in cases:
+        assert cli.main(["train", *args]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    runs.write_json_atomic(run_dir / runs.STATUS, {**runs.read_json(run_dir / runs.STATUS), "state": "completed"})
+    for steps in ("0", "-3"):
+        assert cli.main(["train", "--continue", str(run_dir), "--steps", steps]) == 2
+        assert f"steps to continue for must be a whole number >= 1, got {steps}" in capsys.readouterr().err
+    assert cli.main(["train", "--continue", str(run_dir), "--steps", "4"]) == 2  # completed, but no adapter
+    assert "has no adapter/adapter_model.safetensors to continue from" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [run_dir.name]  # nothing was created

@@ -923,3 +923,32 @@ def test_launch_says_where_it_serves_and_offers_no_share_link(monkeypatch, tmp_p
     app.launch("127.0.0.1", 7999, None, tmp_path)
     assert demo.kw["share"] is False and demo.kw["quiet"] is True  # gradio's share-link hint stays unsaid
     assert demo.blocked and app.serving_line("127.0.0.1", 7999) in capsys.readouterr().out
+
+
+@pytest.mark.slow  # starts a real trainer for two tiny-llama steps
+def test_continue_button_trains_a_completed_run_further_as_a_new_run(eval_root, tmp_path):
+    import shutil
+    import time
+
+    from studio import runs
+
+    shutil.copytree(eval_root / "chat-run", tmp_path / "chat-run")
+    shutil.copytree(eval_root / "no-adapter", tmp_path / "no-adapter")
+    ask = lambda run, steps: train_tab.continue_run(tmp_path, {"train.live": {"run": run, "active": False},
+                                                               "train.continue_steps": steps})
+    for run, steps, needle in (("no-adapter", 5, "no-adapter is failed (step 0 of 3); only a completed run can be "
+                                                  "continued; resume it instead"),
+                               ("chat-run", 0, "steps to continue for must be a whole number >= 1, got 0"),
+                               (None, 5, "no run to continue")):
+        out = ask(run, steps)
+        assert needle in out["train.continue_message"] and "train.live" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat-run", "no-adapter"]  # nothing was made
+    out = ask("chat-run", 2)
+    child = out["train.live"]["run"]
+    assert out["train.live"]["active"] and child in out["train.continue_message"]
+    deadline = time.monotonic() + 180
+    while runs.read_status(tmp_path / child)["state"] not in runs.FINAL_STATES and time.monotonic() < deadline:
+        time.sleep(0.5)
+    st = runs.read_status(tmp_path / child)
+    assert st["state"] == "completed" and st["step"] == 2, (st, runs.log_tail(tmp_path / child, 30))
+    assert st["parent"]["run"] == "chat-run" and st["parent"]["dir"] == str((tmp_path / "chat-run").resolve())

@@ -20,7 +20,11 @@ def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="start a training run from a YAML config (or resume one) and follow it")
     t.add_argument("config", nargs="?", help="run config YAML (see README)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or failed run from its last checkpoint")
-    t.add_argument("--runs-dir", default=None, help="where runs are kept (default ./runs or STUDIO_RUNS_DIR)")
+    t.add_argument("--continue", dest="continue_from", metavar="RUN_DIR",
+                   help="train a completed run for --steps more steps, as a new run that records its parent")
+    t.add_argument("--steps", type=int, default=None, metavar="N", help="with --continue: how many more steps")
+    t.add_argument("--runs-dir", default=None,
+                   help="where runs are kept (default ./runs or STUDIO_RUNS_DIR; with --continue, the parent's)")
     t.add_argument("--nproc", type=int, default=1, help="processes (DDP under accelerate launch)")
     t.add_argument("--accelerate-config", default=None, help="an accelerate config file (multi-GPU, FSDP, DeepSpeed)")
     t.add_argument("--detach", action="store_true", help="start the run and return; follow it with `studio runs`")
@@ -97,14 +101,21 @@ def cmd_train(a) -> int:
     from studio import runs
     from studio.runs.preflight import check_runs_folder, preflight  # torch and peft: only where a run starts
 
+    if sum(bool(x) for x in (a.config, a.resume, a.continue_from)) > 1:
+        raise UsageError("give one of CONFIG.yaml, --resume RUN_DIR or --continue RUN_DIR")
+    if (a.steps is not None) != bool(a.continue_from):
+        raise UsageError("--continue RUN_DIR needs --steps N (how many more steps)" if a.continue_from
+                         else "--steps goes with --continue RUN_DIR (a config sets train.max_steps)")
     if a.resume:
-        if a.config:
-            raise ConfigError("give either CONFIG.yaml or --resume RUN_DIR, not both")
         run_dir = runs.resume_run(a.resume)
-    elif a.config:
-        cfg = load_config(a.config)
+    elif a.config or a.continue_from:
+        extra = None
+        if a.continue_from:
+            cfg, extra = runs.continuation(a.continue_from, a.steps)
+        else:
+            cfg = load_config(a.config)
         preflight(cfg, check_memory=not a.ignore_memory)
-        root = runs.runs_dir(a.runs_dir)
+        root = runs.runs_dir(a.runs_dir or (Path(a.continue_from).resolve().parent if a.continue_from else None))
         check_runs_folder(root)
         try:
             if a.queue:
@@ -113,17 +124,18 @@ def cmd_train(a) -> int:
                 if a.nproc != 1 or a.accelerate_config:
                     raise ConfigError("--queue runs one process per slot; drop --nproc / --accelerate-config, "
                                       "or start the run without --queue")
-                run_dir, pos = queue.submit(cfg, root)
+                run_dir, pos = queue.submit(cfg, root, extra)
                 if pos is not None:
                     print(f"queued at position {pos}: {run_dir} (studio queue list)", file=sys.stderr)
                     print(str(run_dir))
                     return 0
             else:
-                run_dir = runs.start_run(cfg, root, nproc=a.nproc, accelerate_config=a.accelerate_config)
+                run_dir = runs.start_run(cfg, root, nproc=a.nproc, accelerate_config=a.accelerate_config,
+                                         extra_status=extra)
         except OSError as e:  # a full disk or a read-only folder; cli.main prints it on one line
             raise OSError(e.errno, f"cannot write the runs folder {root}: {e.strerror or e}") from None
     else:
-        raise ConfigError("studio train needs CONFIG.yaml or --resume RUN_DIR")
+        raise ConfigError("studio train needs CONFIG.yaml, --resume RUN_DIR or --continue RUN_DIR --steps N")
     print(f"run: {run_dir}", file=sys.stderr)
     if a.detach:
         print(str(run_dir))

@@ -22,6 +22,7 @@ from studio.runs.manager import (  # noqa: F401
     RunDir,
     active_run,
     check_run_id,
+    continuation,
     create_run,
     delete_run,
     finite_json,

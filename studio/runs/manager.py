@@ -140,8 +140,9 @@ def make_run_id(cfg: RunConfig, when: float | None = None) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}-{slug}-r{cfg.lora.r}"
 
 
-def create_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, run_id: str | None = None) -> Path:
-    """A new run folder with config.yaml and a `queued` status; nothing is started."""
+def create_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, run_id: str | None = None,
+               extra_status: dict | None = None) -> Path:
+    """A new run folder with config.yaml and a `queued` status (plus `extra_status`); nothing is started."""
     cfg.validate()
     root = _root(runs_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ def create_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, run_id
     try:
         cfg.save(rd.config)
         rd.write_status({"state": "queued", "step": 0, "max_steps": cfg.train.max_steps, "pid": None,
-                         "created_at": time.time(), "error": None})
+                         "created_at": time.time(), "error": None, **(extra_status or {})})
     except BaseException:  # a full disk, Ctrl-C: no folder without its config and status is left behind
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -170,7 +171,8 @@ def create_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, run_id
 
 
 def start_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, nproc: int = 1,
-              accelerate_config: str | os.PathLike | None = None, run_id: str | None = None) -> Path:
+              accelerate_config: str | os.PathLike | None = None, run_id: str | None = None,
+              extra_status: dict | None = None) -> Path:
     """Create a run and start its trainer as a detached process; returns the run folder.
 
     Refuses while another run of the same runs folder is active: two trainers would fight
@@ -181,9 +183,28 @@ def start_run(cfg: RunConfig, runs_dir: str | os.PathLike | None = None, nproc: 
     root.mkdir(parents=True, exist_ok=True)
     with _folder_lock(root):
         _refuse_if_active(root)
-        run_dir = create_run(cfg, root, run_id)
+        run_dir = create_run(cfg, root, run_id, extra_status)
         _spawn(run_dir, resume=False, nproc=nproc, accelerate_config=accelerate_config)
     return run_dir
+
+
+def continuation(parent_dir: str | os.PathLike, steps) -> tuple[RunConfig, dict]:
+    """(config, status fields) of a new run that trains the completed run `parent_dir` for `steps`
+    more steps: the parent's config with train.max_steps = steps, and status.json `parent`.
+
+    The new run starts from the parent's final adapter (the trainer loads it with PEFT, trainable)
+    with a fresh optimizer and a learning-rate schedule of its own over the new steps: the parent's
+    schedule has ended (cosine and linear reach 0 there), its last checkpoint is often not at the
+    final step (save_steps need not divide max_steps) or is the best one rather than the last, and
+    AdamW's bias correction makes fresh moments safe from the first step. RunError names what is
+    wrong: not completed, no adapter, steps not a whole number >= 1."""
+    import dataclasses
+
+    rd = RunDir(Path(parent_dir))
+    record = rd.continuation(steps)
+    cfg = load_config(rd.config)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=int(steps)))
+    return cfg.validate(), {"parent": record}
 
 
 def resume_run(run_dir: str | os.PathLike) -> Path:

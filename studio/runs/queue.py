@@ -122,7 +122,7 @@ def enqueue(cfg, root: str | os.PathLike | None = None, run_id: str | None = Non
     return run_dir
 
 
-def submit(cfg, root: str | os.PathLike | None = None) -> tuple[Path, int | None]:
+def submit(cfg, root: str | os.PathLike | None = None, extra_status: dict | None = None) -> tuple[Path, int | None]:
     """Start `cfg` now when nothing trains and nothing waits, else queue it behind the others.
 
     Returns the run folder and its queue position (None when it started at once). The caller has
@@ -130,10 +130,10 @@ def submit(cfg, root: str | os.PathLike | None = None) -> tuple[Path, int | None
     root = manager.runs_dir(root)
     if manager.active_run(root) is None and not _read(root / QUEUE_DIR / QUEUE_FILE)["order"]:
         try:
-            return manager.start_run(cfg, root), None
+            return manager.start_run(cfg, root, extra_status=extra_status), None
         except manager.RunActiveError:
             pass  # another Start won the race: this one waits its turn
-    run_dir = enqueue(cfg, root)
+    run_dir = enqueue(cfg, root, extra_status=extra_status)
     return run_dir, position(root, run_dir.name)
 
 

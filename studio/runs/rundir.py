@@ -15,7 +15,8 @@ status.json keys: state, step, max_steps, pid, pid_started (process start time, 
 is not mistaken for the trainer), created_at / started_at / updated_at / finished_at (unix
 seconds), eta_s, elapsed_s (training time over all attempts), error, phase (starting, loading
 data, loading model, training, saving adapter, done), nproc, resumed, last_loss, eval_loss,
-eval_accuracy (classification), adapter_step (the step adapter/ holds), and once the data is
+eval_accuracy (classification), adapter_step (the step adapter/ holds), parent (a continued run:
+{run, dir, step, adapter_step} of the completed run whose final adapter it starts from), and once the data is
 ready: trainable_params, total_params, format, train_examples, eval_examples, train_sequences
 (packed blocks when packed), packed, train_tokens, warnings, id2label (classification: the
 class names by id, as the trainer numbered them). Measured while training, for a stop to know
@@ -55,6 +56,7 @@ CONFIG, STATUS, METRICS, LOG = "config.yaml", "status.json", "metrics.jsonl", "t
 LAUNCH, STOP_REQUEST = "launch.json", "stop.request"
 CHECKPOINTS, ADAPTER, MERGED, EXPORTS, EVAL = "checkpoints", "adapter", "merged", "exports", "eval"
 TRACKERS = "trackers"  # what experiment trackers (train.report_to) write, one folder each
+PARENT = "parent"  # status.json key of a run that continues another (RunDir.continuation)
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written into a checkpoint folder by the trainer after Trainer has finished every file of it
 # (on every process), so a folder without it is a partial write from a killed process.
@@ -286,6 +288,44 @@ class RunDir:
         status["id"] = self.id
         status["dir"] = str(self.path)
         return status
+
+    def parent(self) -> dict | None:
+        """status.json `parent` of a continued run ({run, dir, step, adapter_step}), else None."""
+        p = (self.read_status_file() or {}).get(PARENT)
+        return p if isinstance(p, dict) and p.get("dir") else None
+
+    def parent_adapter(self) -> Path | None:
+        """The adapter a continued run starts from (its parent's adapter/), None for a run that is not
+        one; RunError when the parent's adapter is gone."""
+        p = self.parent()
+        if p is None:
+            return None
+        adapter = RunDir(p["dir"]).adapter
+        if not (adapter / adapter_names.WEIGHTS_NAME).is_file():
+            raise RunError(f"run {self.id} continues run {p.get('run')}, whose adapter {adapter} is gone; "
+                           "it cannot start without it")
+        return adapter
+
+    def continuation(self, steps) -> dict:
+        """status.json `parent` for a new run that continues this one for `steps` more steps; RunError
+        unless this run is completed with its final adapter and `steps` is a whole number >= 1."""
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise RunError(f"steps to continue for must be a whole number >= 1, got {steps!r}")
+        if not self.config.is_file():
+            raise RunError(f"{self.path} is not a run folder (no {CONFIG})")
+        st = self.status()
+        if st["state"] != "completed":
+            hint = (f"resume it instead: studio train --resume {self.path}" if st["state"] in FINAL_STATES
+                    else "wait until it completes")
+            raise RunError(f"run {self.id} is {st['state']} (step {st.get('step') or 0} of {st.get('max_steps')}); "
+                           f"only a completed run can be continued; {hint}")
+        if not (self.adapter / adapter_names.WEIGHTS_NAME).is_file():
+            raise RunError(f"run {self.id} is completed but has no {ADAPTER}/{adapter_names.WEIGHTS_NAME} "
+                           "to continue from")
+        return {"run": self.id, "dir": str(self.path.resolve()), "step": st.get("step"),
+                "adapter_step": st.get("adapter_step", st.get("step"))}
 
     def id2label(self) -> dict[int, str] | None:
         """The class names by id of a classification run, as the trainer recorded them in status.json."""

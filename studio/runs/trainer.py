@@ -476,7 +476,14 @@ def build(cfg: RunConfig, run_dir: Path, report: Reporter) -> tuple[StudioTraine
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
     set_seed(cfg.train.seed)  # the adapter's initial lora_A draws from this: same seed, same adapter
-    model = get_peft_model(model, build_lora_config(cfg.lora, m.task))
+    parent = RunDir(run_dir).parent_adapter()
+    if parent is not None:  # a continued run: its parent's final adapter, trainable (runs.continuation)
+        from peft import PeftModel
+
+        print(f"studio: continuing from {parent}", flush=True)
+        model = PeftModel.from_pretrained(model, str(parent), is_trainable=True)
+    else:
+        model = get_peft_model(model, build_lora_config(cfg.lora, m.task))
     trainable, total = model.get_nb_trainable_parameters()
     for w in data.warnings:
         print(f"studio: warning: {w}", flush=True)

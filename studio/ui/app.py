@@ -209,6 +209,9 @@ def _wire_train(ui: Registry, root: Path):
     _gate(ui, root, start.then)
     ui.on(ui["train.train_stop"].click, functools.partial(train_tab.stop, root), ["train.live"], [],
           api_name="stop_training", **LIGHT)
+    ui.on(ui["train.train_continue"].click, functools.partial(train_tab.continue_run, root),
+          ["train.live", "train.continue_steps"], ["train.live", "train.continue_message"],
+          api_name="continue_training", **HEAVY)
     # The live view polls its own route (studio/ui/live.py); its value changes when the run it
     # follows does, or stops being active, and that re-gates Start.
     for name in ("train.live",) + train_tab.TRAIN_FORM:

@@ -143,6 +143,27 @@ def start(runs_dir: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     return {"train.live": {"run": run_dir.name, "active": True}}
 
 
+def continue_run(runs_dir: Path, v: Mapping[str, Any]) -> dict[str, Any]:
+    """Continue the run the live view shows for train.continue_steps more steps, as a new run that
+    records its parent (runs.continuation); a refusal is shown beside the button, nothing is made."""
+    run = (v["train.live"] or {}).get("run")
+    try:
+        if not run:
+            raise StudioError("no run to continue: train one to completion first")
+        steps = v["train.continue_steps"]
+        cfg, extra = runs.continuation(runs.RunDir.of(runs_dir, run).path, int(steps) if steps is not None else steps)
+        preflight(cfg)
+        run_dir, position = queue.submit(cfg, runs_dir, extra)
+        live.forget_active(runs_dir)
+    except StudioError as e:
+        return {"train.continue_message": reason_html(str(e))}
+    except OSError as e:
+        return {"train.continue_message": reason_html(os_error_message(e, f"cannot write the runs folder {runs_dir}"))}
+    where = f"queued at position {position}" if position is not None else "started"
+    return {"train.continue_message": html.escape(f"{run_dir.name} {where}: {steps} more steps from {run}'s final adapter"),
+            "train.live": {"run": run_dir.name, "active": True}}
+
+
 def os_error_message(e: OSError, what: str) -> str:
     """One line for a failed write or read: what was being done, the file and the system's reason."""
     where = f" ({e.filename})" if e.filename else ""
@@ -217,6 +238,11 @@ def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
         c["train_stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
         c["start_reason"] = gr.HTML(elem_id="start-reason")
     c["live"] = live.LiveRun(elem_id="run-live")  # run-status, run-progress and loss-plot, polled by the page
+    with gr.Row():  # a completed run, trained further as a new run that records it as its parent
+        c["continue_steps"] = gr.Number(50, precision=0, minimum=1, label="more steps", elem_id="continue-steps",
+                                        scale=0, min_width=120)
+        c["train_continue"] = gr.Button("Continue for these steps", elem_id="train-continue", scale=0)
+        c["continue_message"] = gr.HTML(elem_id="continue-message")
     with gr.Accordion("Show YAML / CLI", open=False):
         c["run_yaml"] = gr.Code(language="yaml", label=runs.CONFIG, elem_id="run-yaml")
         c["run_cli"] = gr.Textbox(label="Repeat this run from a terminal", elem_id="run-cli", buttons=["copy"])
