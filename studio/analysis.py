@@ -2,8 +2,14 @@
 
 Three analyses, each returning plain data (dicts and lists of floats) for the CLI and UI:
 
-- `subspace_similarity`: how much the top directions of two adapters' lora_A (or lora_B)
-  overlap, phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) (the paper's Figure 3).
+- `subspace_similarity`: how much the top directions of two adapters overlap, phi(i, j) =
+  ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) (the paper's Figure 3), for the left singular
+  vectors of delta W (the default), of lora_B, or the right ones of lora_A, beside the exact
+  expectation for random subspaces (`random_baseline`).
+- `init_distance`: how far lora_A has moved from its initialisation, re-created from the run's
+  seed as the trainer and PEFT made it. In a short run A stays close to its random draw, so its
+  subspaces say more about the seed than about the data; B starts at zero and delta W = B A
+  holds only what was learned.
 - `amplification`: how strongly delta W = scaling * B @ A amplifies directions of W,
   ||delta W||_F / ||U^T W V||_F with U, V the top-r singular vectors of delta W (Table 7),
   next to the same number for a random r-dimensional projection.
@@ -36,6 +42,12 @@ from studio.models.registry import build_meta_model, model_dir
 from studio.runs.rundir import RunDir
 
 RANDOM_SEED = 0
+# Which singular vectors subspace_similarity compares: "dW" (left singular vectors of delta W, what
+# the update writes into the output space), "B" (left of lora_B) or "A" (right of lora_A, the paper's).
+WHICH = ("dW", "B", "A")
+DEFAULT_WHICH = "dW"
+# lora_A within this relative distance of its initial draw counts as still close to it.
+INIT_CLOSE = 0.2
 # Row blocks of a base weight converted to float64 at once: bounds the extra memory of
 # amplification to about this many bytes, whatever the layer's size.
 _BLOCK_BYTES = 64 << 20
@@ -127,20 +139,23 @@ def _as_adapter(x) -> Adapter:
 
 # --- 1. subspace similarity ---------------------------------------------------------------
 
-def subspace_similarity(adapter_a, adapter_b, module: str | None = None, which: str = "A") -> dict:
+def subspace_similarity(adapter_a, adapter_b, module: str | None = None, which: str = DEFAULT_WHICH) -> dict:
     """phi(i, j) between the top singular directions of two adapters, for one module and all.
 
-    which="A": right-singular vectors of lora_A (directions in the input space, as in the
-    paper); which="B": left-singular vectors of lora_B (the output space). Two random
-    subspaces of dimension i and j in R^dim give phi = max(i, j) / dim on average, the
-    baseline to read the grid against.
+    which="dW": left-singular vectors of delta W = scaling * B @ A (the output directions the
+    update writes, ordered by how much it writes); "B": left-singular vectors of lora_B; "A":
+    right-singular vectors of lora_A (input directions, as in the paper, but close to their
+    random initialisation after a short run: see init_distance). "baseline" is what independent
+    random subspaces of those ranks in R^dim give (random_baseline), to read the grid against.
 
     Returns {"module", "which", "dim", "r1", "r2", "phi" (r1 x r2 nested lists, phi[i-1][j-1]),
-    "adapter_a", "adapter_b", "modules" (per common module: module, dim, r1, r2, phi_1_1,
-    phi_diag_mean, phi_mean), "summary" (modules, phi_1_1_mean, phi_diag_mean, phi_mean)}.
+    "baseline" (the same shape), "adapter_a", "adapter_b", "modules" (per common module: module,
+    dim, r1, r2, phi_1_1, phi_diag_mean, phi_mean, baseline_1_1, baseline_mean), "summary"
+    (modules, phi_1_1_mean, phi_diag_mean, phi_mean, baseline_1_1_mean, baseline_mean)}.
     """
-    if which not in ("A", "B"):
-        raise AnalysisError(f"which = {which!r}; use 'A' (lora_A, input directions) or 'B' (lora_B, output directions)")
+    if which not in WHICH:
+        raise AnalysisError(f"which = {which!r}; use 'dW' (left singular vectors of delta W), 'B' (lora_B, output "
+                            "directions) or 'A' (lora_A, input directions)")
     a, b = _as_adapter(adapter_a), _as_adapter(adapter_b)
     common = [m for m in a.modules if m in b.modules]
     if module is not None:
@@ -165,14 +180,28 @@ def subspace_similarity(adapter_a, adapter_b, module: str | None = None, which: 
         phi = _phi(a, b, m, which)
         if m == chosen:
             grid = phi
+        base = torch.tensor(random_baseline(_dim(a, m, which), phi.shape[0], phi.shape[1]), dtype=torch.float64)
         rows.append({"module": m, "dim": _dim(a, m, which), "r1": phi.shape[0], "r2": phi.shape[1],
                      "phi_1_1": float(phi[0, 0]), "phi_diag_mean": float(torch.diagonal(phi).mean()),
-                     "phi_mean": float(phi.mean())})
+                     "phi_mean": float(phi.mean()), "baseline_1_1": float(base[0, 0]),
+                     "baseline_mean": float(base.mean())})
     mean = lambda k: sum(r[k] for r in rows) / len(rows)
-    return {"module": chosen, "which": which, "dim": _dim(a, chosen, which), "r1": grid.shape[0], "r2": grid.shape[1],
-            "phi": grid.tolist(), "adapter_a": str(a.dir), "adapter_b": str(b.dir), "modules": rows,
+    dim = _dim(a, chosen, which)
+    return {"module": chosen, "which": which, "dim": dim, "r1": grid.shape[0], "r2": grid.shape[1],
+            "phi": grid.tolist(), "baseline": random_baseline(dim, grid.shape[0], grid.shape[1]),
+            "adapter_a": str(a.dir), "adapter_b": str(b.dir), "modules": rows,
             "summary": {"modules": len(rows), "phi_1_1_mean": mean("phi_1_1"),
-                        "phi_diag_mean": mean("phi_diag_mean"), "phi_mean": mean("phi_mean")}}
+                        "phi_diag_mean": mean("phi_diag_mean"), "phi_mean": mean("phi_mean"),
+                        "baseline_1_1_mean": mean("baseline_1_1"), "baseline_mean": mean("baseline_mean")}}
+
+
+def random_baseline(dim: int, r1: int, r2: int) -> list[list[float]]:
+    """E[phi(i, j)] for two independent uniformly random subspaces of R^dim, i <= r1, j <= r2.
+
+    With P, Q the projections on a fixed i-dimensional and a random j-dimensional subspace,
+    E[Q] = (j / dim) I by symmetry, so E ||U1^T U2||_F^2 = E tr(P Q) = i j / dim exactly, and
+    phi's expectation is i j / (dim min(i, j)) = max(i, j) / dim (capped at 1, as phi is)."""
+    return [[min(1.0, max(i, j) / dim) for j in range(1, r2 + 1)] for i in range(1, r1 + 1)]
 
 
 def _dim(adapter: Adapter, module: str, which: str) -> int:
@@ -198,7 +227,76 @@ def _directions(adapter: Adapter, module: str, which: str) -> torch.Tensor:
     A, B = adapter.factors(module)
     if which == "A":
         return torch.linalg.svd(A, full_matrices=False).Vh.T
+    if which == "dW":
+        return _low_rank_svd(A, B, adapter.scaling(module))[0]
     return torch.linalg.svd(B, full_matrices=False).U
+
+
+# --- how far lora_A moved ---------------------------------------------------------------------
+
+def init_distance(run_dir, modules=None) -> dict:
+    """||A - A0||_F / ||A0||_F per module, with A0 the lora_A the run started from.
+
+    A0 is re-created as the trainer made it: the run's base model loaded the same way, the torch
+    seed set to train.seed, then PEFT's get_peft_model with the run's LoRA settings (so PEFT's own
+    initialisation draws it, in its own order). Needs the run folder (its config holds the seed);
+    loads the base model once (seconds for a small model). A continued run started from its
+    parent's adapter, not from a draw: refused, naming the parent.
+
+    Returns {"seed", "modules": [{"module", "relative_distance"}], "mean", "max", "close"
+    (mean below INIT_CLOSE: A's subspaces still mostly reflect the seed)}.
+    """
+    adapter = _as_adapter(run_dir)
+    if adapter.run_dir is None:
+        raise AnalysisError(f"{adapter.dir} is not inside a run folder: its initialisation (the run's seed and "
+                            "settings) is not known")
+    rd = RunDir(adapter.run_dir)
+    parent = rd.parent()
+    if parent is not None:
+        raise AnalysisError(f"run {rd.id} continued run {parent.get('run')} from its adapter: its lora_A did not "
+                            "start from a random draw; measure the parent run instead")
+    cfg = load_config(rd.config)
+    names = adapter.select(modules)
+    initial = _initial_lora_a(rd, cfg)
+    rows = []
+    for m in names:
+        if m not in initial:
+            raise AnalysisError(f"module {m}: the run's settings ({rd.config}) do not adapt it; the adapter "
+                                "was not made by this run's config")
+        A0 = initial[m].to(torch.float64)
+        A = adapter.factors(m)[0]
+        if A.shape != A0.shape:
+            raise AnalysisError(f"module {m}: lora_A is {tuple(A.shape)} but the run's settings make "
+                                f"{tuple(A0.shape)}; the adapter was not made by this run's config")
+        rows.append({"module": m, "relative_distance": float((A - A0).norm() / A0.norm())})
+    mean = sum(r["relative_distance"] for r in rows) / len(rows)
+    return {"seed": cfg.train.seed, "modules": rows, "mean": mean,
+            "max": max(r["relative_distance"] for r in rows), "close": mean < INIT_CLOSE}
+
+
+def _initial_lora_a(rd: RunDir, cfg) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model
+
+    from studio.lora.targets import build_lora_config
+    from studio.models.registry import load_model
+
+    m = cfg.model
+    labels = rd.id2label() if m.task == "seq_cls" else None
+    try:
+        with torch.random.fork_rng(devices=[]):  # the server's own random state is left as it was
+            torch.manual_seed(cfg.train.seed)
+            model = load_model(m.name_or_path, m.task, num_labels=len(labels) if labels else None, id2label=labels,
+                               dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+            torch.manual_seed(cfg.train.seed)  # the trainer seeds again right before get_peft_model
+            peft_model = get_peft_model(model, build_lora_config(cfg.lora, m.task))
+    except StudioError as e:
+        raise AnalysisError(f"cannot re-create the initial adapter of run {rd.id}: {e}") from None
+    out = {}
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and "default" in lora_a:
+            out[module_path(name)] = lora_a["default"].weight.detach().clone()
+    return out
 
 
 # --- the low-rank update ------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_phi_of_an_adapter_with_itself_is_one_on_the_diagonal(tmp_path):
     mods = {"model.layers.0.self_attn.q_proj": (rand(rng, 8, 64), rand(rng, 48, 8)),
             "model.layers.0.self_attn.v_proj": (rand(rng, 8, 64), rand(rng, 32, 8))}
     a = write_adapter(tmp_path / "a", mods, r=8)
-    for which in ("A", "B"):
+    for which in ("A", "B", "dW"):
         res = subspace_similarity(a, a, which=which)
         phi = np.array(res["phi"])
         assert phi.shape == (8, 8) and res["module"] == "model.layers.0.self_attn.q_proj"
@@ -113,8 +113,9 @@ def test_phi_of_independent_random_subspaces_is_near_max_i_j_over_d(tmp_path):
         m = "model.layers.0.mlp.up_proj"
         a = write_adapter(tmp_path / f"a{seed}", {m: (rand(rng, r1, d), rand(rng, 16, r1))}, r=r1)
         b = write_adapter(tmp_path / f"b{seed}", {m: (rand(rng, r2, d), rand(rng, 16, r2))}, r=r2)
-        res = subspace_similarity(a, b)
+        res = subspace_similarity(a, b, which="A")
         assert (res["r1"], res["r2"], res["dim"]) == (r1, r2, d)
+        assert res["baseline"] == expect.tolist()
         grids.append(np.array(res["phi"]))
     assert np.abs(grids[0] - expect).max() < 0.08
     mean = np.mean(grids, axis=0)
@@ -132,7 +133,7 @@ def test_phi_matches_the_definition(tmp_path):
     U1 = np.linalg.svd(A1.astype(np.float64))[2].T
     U2 = np.linalg.svd(A2.astype(np.float64))[2].T
     want = np.array([[np.linalg.norm(U1[:, :i].T @ U2[:, :j]) ** 2 / min(i, j) for j in range(1, 7)] for i in range(1, 5)])
-    assert np.abs(np.array(subspace_similarity(a, b)["phi"]) - want).max() < 1e-6
+    assert np.abs(np.array(subspace_similarity(a, b, which="A")["phi"]) - want).max() < 1e-6
 
 
 def test_subspace_errors_name_the_module(tmp_path):
@@ -142,12 +143,12 @@ def test_subspace_errors_name_the_module(tmp_path):
     b = write_adapter(tmp_path / "b", {"m.q_proj": (rand(rng, 4, 20), rand(rng, 8, 4))}, r=4)
     c = write_adapter(tmp_path / "c", {"m.v_proj": (rand(rng, 4, 16), rand(rng, 8, 4))}, r=4)
     with pytest.raises(AnalysisError, match=r"m\.q_proj.*in = 16 .* but 20"):
-        subspace_similarity(a, b)
+        subspace_similarity(a, b, which="A")
     subspace_similarity(a, b, which="B")  # the output side does match
     with pytest.raises(AnalysisError, match=r"'k_proj' is not in both adapters: missing from .*b"):
         subspace_similarity(a, b, module="k_proj", which="B")
     with pytest.raises(AnalysisError, match="share no module"):
-        subspace_similarity(a, c)
+        subspace_similarity(a, c, which="A")
     with pytest.raises(AnalysisError, match="which"):
         subspace_similarity(a, a, which="C")
     with pytest.raises(AnalysisError, match="neither adapter_config.json"):
@@ -274,3 +275,114 @@ def test_gpt2_conv1d_orientation(tmp_path):
         want = dense_amplification(W, 2.0 * B.astype(np.float64) @ A.astype(np.float64), 4)
         assert row["kind"] == "conv1d" and row["shape"] == list(W.shape)
         assert_close_rel(row, want)
+
+
+# --- the random baseline, delta W, and how far A moved ----------------------------------------
+
+def test_random_baseline_is_the_expected_phi_of_random_subspaces():
+    """random_baseline is an expectation, computed: Haar-random subspaces (QR of Gaussian matrices)
+    average to it, cell by cell."""
+    from studio.analysis import random_baseline
+
+    d, r1, r2, n = 24, 3, 6, 3000
+    rng = np.random.default_rng(0)
+    acc = np.zeros((r1, r2))
+    for _ in range(n):
+        u1 = np.linalg.qr(rng.standard_normal((d, r1)))[0]
+        u2 = np.linalg.qr(rng.standard_normal((d, r2)))[0]
+        energy = np.cumsum(np.cumsum((u1.T @ u2) ** 2, 0), 1)
+        acc += energy / np.minimum(np.arange(1, r1 + 1)[:, None], np.arange(1, r2 + 1)[None, :])
+    base = np.array(random_baseline(d, r1, r2))
+    assert base[0, 0] == 1 / d and base[-1, -1] == max(r1, r2) / d
+    assert np.abs(acc / n - base).max() < 0.01  # the Monte Carlo error at n = 3000 is about 0.003
+
+
+def test_delta_w_similarity_uses_its_left_singular_vectors(tmp_path):
+    rng = np.random.default_rng(4)
+    m = "h.0.attn"
+    A1, B1, A2, B2 = rand(rng, 4, 30), rand(rng, 20, 4), rand(rng, 6, 30), rand(rng, 20, 6)
+    a = write_adapter(tmp_path / "a", {m: (A1, B1)}, r=4, lora_alpha=8)
+    b = write_adapter(tmp_path / "b", {m: (A2, B2)}, r=6, lora_alpha=3)
+    U1 = np.linalg.svd(2.0 * B1.astype(np.float64) @ A1.astype(np.float64))[0][:, :4]
+    U2 = np.linalg.svd(0.5 * B2.astype(np.float64) @ A2.astype(np.float64))[0][:, :6]
+    want = np.array([[np.linalg.norm(U1[:, :i].T @ U2[:, :j]) ** 2 / min(i, j) for j in range(1, 7)] for i in range(1, 5)])
+    res = subspace_similarity(a, b)  # the default: what the update learned
+    assert res["which"] == "dW" and res["dim"] == 20
+    assert np.abs(np.array(res["phi"]) - want).max() < 1e-6
+    assert res["baseline"][0][0] == pytest.approx(1 / 20) and res["summary"]["baseline_1_1_mean"] == pytest.approx(1 / 20)
+
+
+def _train(root: Path, name: str, r: int, lr: float, steps: int) -> Path:
+    import contextlib
+    import io
+
+    from studio.runs import trainer
+
+    words = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon"]
+    data = root / "data.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"instruction": "Spell the word backwards.", "input": w, "output": w[::-1]})
+                                + "\n" for w in words * 8))
+    cfg = RunConfig.from_dict({
+        "model": {"name_or_path": "tiny-llama"},
+        "data": {"path": str(data), "eval_fraction": 0.0, "max_length": 64, "packing": True},
+        "lora": {"target_modules": ["q_proj", "v_proj"], "r": r, "lora_alpha": 2 * r},
+        "train": {"max_steps": steps, "per_device_train_batch_size": 4, "learning_rate": lr, "warmup_ratio": 0.0,
+                  "eval_steps": 1000, "save_steps": 1000, "seed": 5 + r}})
+    run = root / name
+    run.mkdir()
+    cfg.save(run / "config.yaml")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert trainer.train(run, False, trainer.Reporter(run, True)) == "completed"
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """tiny-llama runs on q/v: two short ones at the default learning rate (r=4, r=16), one longer and hotter."""
+    root = tmp_path_factory.mktemp("analysis-runs")
+    return {"short4": _train(root, "short4", 4, 2e-4, 6), "short16": _train(root, "short16", 16, 2e-4, 6),
+            "long": _train(root, "long", 4, 3e-2, 40)}
+
+
+@pytest.mark.slow
+def test_initial_lora_a_is_re_created_exactly_as_the_trainer_drew_it(tiny_runs, tmp_path):
+    """The trainer's own build (seed, base model, get_peft_model) gives the very A that init_distance
+    re-creates: distance 0 from an adapter saved before any step."""
+    import contextlib
+    import io
+    import shutil
+
+    from studio.analysis import _initial_lora_a, init_distance
+    from studio.runs import trainer
+    from studio.runs.rundir import RunDir
+
+    run = tmp_path / "fresh"
+    shutil.copytree(tiny_runs["short4"], run)
+    cfg = __import__("studio.config", fromlist=["load_config"]).load_config(run / "config.yaml")
+    with contextlib.redirect_stdout(io.StringIO()):
+        built, _ = trainer.build(cfg, run, trainer.Reporter(run, False))
+    built.model.save_pretrained(run / "adapter")  # the adapter at step 0
+    res = init_distance(run)
+    assert res["mean"] == 0.0 and res["max"] == 0.0 and res["close"] and len(res["modules"]) == 8
+    again = _initial_lora_a(RunDir(run), cfg)
+    assert len(again) == 8 and all(t.shape == (4, 192) for t in again.values())
+
+
+@pytest.mark.slow
+def test_short_runs_leave_a_near_its_initialisation_and_the_tab_says_so(tiny_runs):
+    from studio.analysis import INIT_CLOSE, init_distance
+    from studio.ui.tabs import analysis as tab
+
+    short, long_ = init_distance(tiny_runs["short4"]), init_distance(tiny_runs["long"])
+    print(f"lora_A moved: 6 steps at 2e-4 {short['mean']:.4f}, 40 steps at 3e-2 {long_['mean']:.4f}")
+    assert 0 < short["mean"] < INIT_CLOSE and short["close"]
+    assert long_["mean"] > INIT_CLOSE and not long_["close"]
+    root = tiny_runs["short4"].parent
+    fig, text = tab.subspace(root, "short4", "short16", None, "A")
+    assert [t.name for t in fig.data] == ["φ", "random baseline"]
+    assert list(map(list, fig.data[1].z)) == __import__("studio.analysis", fromlist=["x"]).random_baseline(192, 4, 16)
+    assert "lora_A of <b>short4</b> moved" in text and "still close to its initialisation" in text
+    assert "compare ΔW or B instead" in text and "against <b>0.0052</b> for random subspaces" in text
+    fig, text = tab.subspace(root, "short4", "long", None, "dW")  # the default: no init note (nothing loads)
+    assert "moved" not in text and fig.data[1].z[0][0] == pytest.approx(1 / 192)

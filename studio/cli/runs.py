@@ -62,7 +62,9 @@ def add_parsers(sub) -> None:
     ss.add_argument("run_a")
     ss.add_argument("run_b")
     ss.add_argument("--module", default=None, help="module path or suffix (default: the first common one)")
-    ss.add_argument("--which", choices=["A", "B"], default="A")
+    ss.add_argument("--which", choices=["dW", "B", "A"], default="dW",
+                    help="dW: left singular vectors of delta W (default); B: of lora_B; A: right ones of lora_A "
+                         "(close to its random initialisation after a short run)")
     ss.add_argument("--json", action="store_true")
     am = asub.add_parser("amplification", help="how much delta W amplifies directions of W")
     am.add_argument("run")
@@ -338,7 +340,7 @@ def cmd_analyze(a) -> int:
             _print_json(out)
             return 0
         print(f"subspace similarity of {a.which} for {out['module']} (r1={out['r1']}, r2={out['r2']}, "
-              f"dim {out['dim']}); random subspaces give about max(i, j)/{out['dim']}")
+              f"dim {out['dim']}); random subspaces give max(i, j)/{out['dim']} on average")
         grid = out["phi"]
         show = [i for i in (1, 2, 4, 8, 16, 32, 64) if i <= out["r1"]]
         cols = [j for j in (1, 2, 4, 8, 16, 32, 64) if j <= out["r2"]]
@@ -346,7 +348,8 @@ def cmd_analyze(a) -> int:
         for i in show:
             print(f"{i:>5} " + "".join(f"{grid[i - 1][j - 1]:>7.3f}" for j in cols))
         s = out["summary"]
-        print(f"over {s['modules']} modules: mean phi(1,1) {s['phi_1_1_mean']:.3f}, mean phi {s['phi_mean']:.3f}")
+        print(f"over {s['modules']} modules: mean phi(1,1) {s['phi_1_1_mean']:.3f} (random {s['baseline_1_1_mean']:.4f}), "
+              f"mean phi {s['phi_mean']:.3f} (random {s['baseline_mean']:.4f})")
         return 0
     if a.analysis == "amplification":
         rows = analysis.amplification(a.run)

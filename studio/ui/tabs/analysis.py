@@ -33,31 +33,66 @@ def modules(runs_dir: Path, run_id: str) -> list[str]:
         raise gr.Error(str(e), print_exception=False) from None
 
 
+# The comparison offered, in the order shown: what the update learned first (the default).
+WHICH_CHOICES = [("ΔW (left singular vectors)", "dW"), ("B (left singular vectors)", "B"),
+                 ("A (right singular vectors)", "A")]
+WHICH_INFO = ("ΔW and B hold only what training wrote (B starts at 0); A starts as a random draw and "
+              "stays close to it in a short run, so its similarity mostly compares two seeds.")
+
+
 def subspace(runs_dir: Path, run_a: str, run_b: str, module: str | None, which: str):
-    """(heatmap figure, summary HTML) of phi(i, j) between two runs' adapters."""
-    from studio.analysis import subspace_similarity
+    """(heatmap figure, summary HTML) of phi(i, j) between two runs' adapters, beside what random
+    subspaces give; for A, how far each run's lora_A moved from its initial draw."""
+    from studio.analysis import init_distance, subspace_similarity
 
     if not run_a or not run_b:
         raise gr.Error("pick two runs (the same run twice compares an adapter with itself)", print_exception=False)
     try:
         out = subspace_similarity(run_folder(runs_dir, run_a), run_folder(runs_dir, run_b),
                                   module=module or None, which=which)
+        moved = ({run: init_distance(run_folder(runs_dir, run)) for run in dict.fromkeys((run_a, run_b))}
+                 if which == "A" else {})
     except StudioError as e:
         raise gr.Error(str(e), print_exception=False) from None
-    grid = out["phi"]
-    fig = go.Figure(go.Heatmap(z=grid, x=list(range(1, out["r2"] + 1)), y=list(range(1, out["r1"] + 1)),
-                               zmin=0, zmax=1, colorscale="Viridis", colorbar=dict(title="φ")))
-    fig.update_layout(title=f"φ(i, j) for {out['module']} ({which})", xaxis_title=f"j ({run_b}, r={out['r2']})",
-                      yaxis_title=f"i ({run_a}, r={out['r1']})", height=420, margin=dict(l=60, r=20, t=50, b=50),
-                      template="plotly_white")
+    return heatmap(out, run_a, run_b), summary_html(out, moved)
+
+
+def heatmap(out: dict, run_a: str, run_b: str) -> go.Figure:
+    """phi(i, j) and, on the same colour scale beside it, what random subspaces give."""
+    from plotly.subplots import make_subplots
+
+    xs, ys = list(range(1, out["r2"] + 1)), list(range(1, out["r1"] + 1))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
+                        subplot_titles=(f"φ(i, j): {out['module']} ({out['which']})",
+                                        f"random subspaces of dim {out['dim']}: max(i, j)/{out['dim']}"))
+    fig.add_trace(go.Heatmap(z=out["phi"], x=xs, y=ys, zmin=0, zmax=1, colorscale="Viridis", name="φ",
+                             colorbar=dict(title="φ")), 1, 1)
+    fig.add_trace(go.Heatmap(z=out["baseline"], x=xs, y=ys, zmin=0, zmax=1, colorscale="Viridis",
+                             name="random baseline", showscale=False), 1, 2)
+    for col in (1, 2):
+        fig.update_xaxes(title_text=f"j ({run_b}, r={out['r2']})", row=1, col=col)
+    fig.update_yaxes(title_text=f"i ({run_a}, r={out['r1']})", row=1, col=1)
+    fig.update_layout(height=440, margin=dict(l=60, r=20, t=60, b=50), template="plotly_white")
+    return fig
+
+
+def summary_html(out: dict, moved: dict) -> str:
     s = out["summary"]
+    times = lambda phi, base: f"{phi / base:.1f}×" if base > 0 else "-"
     rows = "".join(f"<tr><td>{html.escape(m['module'])}</td><td>{m['phi_1_1']:.3f}</td>"
-                   f"<td>{m['phi_diag_mean']:.3f}</td><td>{m['phi_mean']:.3f}</td></tr>" for m in out["modules"])
-    text = (f"<p>Random subspaces of dimension {out['dim']} give φ ≈ max(i, j)/{out['dim']}. Over {s['modules']} "
-            f"modules: mean φ(1,1) = <b>{s['phi_1_1_mean']:.3f}</b>, mean φ = <b>{s['phi_mean']:.3f}</b>.</p>"
-            f"<div style='max-height:260px;overflow:auto'><table><tr><th>module</th><th>φ(1,1)</th>"
-            f"<th>mean φ(i,i)</th><th>mean φ</th></tr>{rows}</table></div>")
-    return fig, text
+                   f"<td>{m['baseline_1_1']:.4f}</td><td>{m['phi_diag_mean']:.3f}</td><td>{m['phi_mean']:.3f}</td>"
+                   f"<td>{m['baseline_mean']:.4f}</td></tr>" for m in out["modules"])
+    text = (f"<p>Over {s['modules']} modules: mean φ(1,1) = <b>{s['phi_1_1_mean']:.3f}</b> against "
+            f"<b>{s['baseline_1_1_mean']:.4f}</b> for random subspaces ({times(s['phi_1_1_mean'], s['baseline_1_1_mean'])}); "
+            f"mean φ = <b>{s['phi_mean']:.3f}</b> against {s['baseline_mean']:.4f}.</p>")
+    for n, (run, d) in enumerate(moved.items()):
+        verdict = ("<span class='bad'>still close to its initialisation</span>: its subspaces mostly reflect the "
+                   "seed, not the data; compare ΔW or B instead" if d["close"] else "well away from its initialisation")
+        text += (f"<p id='analysis-init-{'ab'[n]}'>lora_A of <b>{html.escape(run)}</b> moved {d['mean']:.1%} (mean "
+                 f"over modules, at most {d['max']:.1%}) from the draw of seed {d['seed']}: {verdict}.</p>")
+    return text + (f"<div style='max-height:260px;overflow:auto'><table><tr><th>module</th><th>φ(1,1)</th>"
+                   f"<th>random φ(1,1)</th><th>mean φ(i,i)</th><th>mean φ</th><th>random mean φ</th></tr>{rows}"
+                   f"</table></div>")
 
 
 def spectrum(runs_dir: Path, run_id: str):
@@ -107,7 +142,7 @@ def build(runs_dir: Path) -> SimpleNamespace:
                                elem_id="analysis-run-b")
         ui.module = gr.Dropdown([], label="Module (similarity heatmap)", elem_id="analysis-module",
                                 allow_custom_value=True)
-        ui.which = gr.Radio(["A", "B"], value="A", label="factor", info="A: right-singular vectors; B: left")
+        ui.which = gr.Radio(WHICH_CHOICES, value="dW", label="compare", info=WHICH_INFO, elem_id="analysis-which")
     with gr.Row():
         ui.btn_subspace = gr.Button("Subspace similarity", elem_id="analysis-subspace")
         ui.btn_spectrum = gr.Button("Spectrum of ΔW", elem_id="analysis-spectrum")
