@@ -326,6 +326,24 @@ class Playground:
         if shown is None:
             yield tuple(cur)
 
+    def empty_answer_note(self, mode: str = "tuned", template: str = "auto") -> str | None:
+        """Why the last generation of `mode` ("base", "tuned" or an adapter name) shows no text, for a
+        caller whose decoded answer came out empty: it ended at once on an end-of-text token, or wrote
+        only special tokens (which are not shown); with the template to choose when the one used is
+        not the run's. None when it was never run."""
+        st = self.last_stats.get(mode)
+        if not st:
+            return None
+        new = st.get("new_tokens") or 0
+        note = ("The model ended its answer at once: its first token was end-of-text." if not new else
+                f"The model wrote {new} tokens that are all special or blank, and those are not shown.")
+        used = self.template if template == "auto" else template
+        if used != self.template:
+            how = ("the text as typed, without a template" if used == "none" else f"the {used} template")
+            note += (f" The prompt went in as {how}, but this run was trained on the {self.template} template; "
+                     f"choose auto (or {self.template}).")
+        return note
+
     def logits(self, text: str, *, adapter: bool = True, template: str = "none") -> torch.Tensor:
         """Logits at every position of the (formatted) text, shape [tokens, vocab or labels], on the CPU."""
         if adapter and not self.has_adapter:
@@ -500,11 +518,21 @@ class Playground:
     def _need(self, task: str, what: str) -> None:
         if self.task != task:
             name = f"run {self.run_dir.name}" if self.run_dir else f"model {self.ref}"
-            hint = "use classify / eval_sample" if self.task == "seq_cls" else "use generate / stream"
-            raise PlaygroundError(f"{what} needs a {task} model, but {name} is {self.task}; {hint}")
+            raise PlaygroundError(f"{name} is {_TASK_WORDS[self.task]}, and {_ASKED[what]}; {_INSTEAD[self.task]}")
 
     def _no_adapter(self) -> str:
         return f"no adapter is loaded ({self.ref} base model only); pass adapter=False or open a run"
+
+
+# What a person reads when a request does not fit the model's task (Playground._need).
+_TASK_WORDS = {"causal_lm": "a text model (causal_lm): it writes text",
+               "seq_cls": "a classifier (seq_cls): it picks one of its labels for a text"}
+_ASKED = {"generation": "writing text needs a text model",
+          "classify": "classifying needs a classifier",
+          "eval_sample": "accuracy on held-out examples is measured for classifiers"}
+_INSTEAD = {"causal_lm": "compare its answers with Generate (studio generate), or score them on held-out "
+                         "examples in the Evaluate tab (studio eval)",
+            "seq_cls": "type a text and press Generate to see the label it picks and its probabilities"}
 
 
 # --- loading helpers ----------------------------------------------------------------------

@@ -94,6 +94,7 @@ def test_posted_keys_that_are_not_modules_are_ignored():
     (dict(keys=["lm_head"], layers="3-1"), "layers"),
     (dict(keys=["lm_head"], rp="q_proj:4"), "rank pattern 'q_proj:4' is not NAME=RANK"),
     (dict(keys=["lm_head"], dropout=1.0), "lora_dropout"),
+    (dict(keys=["model.layers.0-3.self_attn.q_proj"], layers="0-9"), "tiny-llama has layers 0-3; 4-9 do not exist"),
 ])
 def test_invalid_settings_give_a_reason_that_disables_start(kwargs, needle):
     keys = kwargs.pop("keys")
@@ -952,3 +953,54 @@ def test_continue_button_trains_a_completed_run_further_as_a_new_run(eval_root, 
     st = runs.read_status(tmp_path / child)
     assert st["state"] == "completed" and st["step"] == 2, (st, runs.log_tail(tmp_path / child, 30))
     assert st["parent"]["run"] == "chat-run" and st["parent"]["dir"] == str((tmp_path / "chat-run").resolve())
+
+
+@pytest.mark.slow  # loads the chat run and generates
+def test_an_empty_answer_says_why_and_which_template_to_choose(eval_root):
+    """A chat run asked with template "none" gets the prompt as typed; when its answer is empty the
+    box said nothing. Here the real model is made to stop at its first token (every id counts as
+    end-of-text), as a model does that sees a prompt without the template it was trained on."""
+    from studio.playground import Playground
+    from studio.ui.tabs import playground as pg_tab
+
+    def answers(template):
+        v = {"playground.run": "chat-run", "playground.adapters": [], "playground.prompt": "Spell apple backwards.",
+             "playground.template": template, "playground.max_new_tokens": 8, "playground.temperature": 0.0,
+             "playground.top_p": 1.0, "playground.seed": 0}
+        shown = {}
+        for update in pg_tab.generate(eval_root, v):
+            assert not update.get("playground.message"), update
+            shown.update({k: u for k, u in update.items() if k in ("playground.base", "playground.tuned")})
+        return shown["playground.base"], shown["playground.tuned"]
+
+    pg = Playground.for_run(eval_root / "chat-run")
+    assert pg.template == "chat"
+    eos = pg._eos
+    pg._eos = set(range(len(pg.tokenizer)))
+    try:
+        base, tuned = answers("none")
+        assert tuned == base == ("(The model ended its answer at once: its first token was end-of-text. The prompt "
+                                 "went in as the text as typed, without a template, but this run was trained on the "
+                                 "chat template; choose auto (or chat).)")
+        base, tuned = answers("auto")
+        assert tuned == "(The model ended its answer at once: its first token was end-of-text.)"
+    finally:
+        pg._eos = eos
+    for template in ("none", "auto"):  # the real stop set: whatever the model writes, no box is left empty
+        base, tuned = answers(template)
+        assert base.strip() and tuned.strip()
+
+
+@pytest.mark.slow
+def test_task_mismatch_messages_speak_of_what_to_do_not_of_methods(eval_root):
+    from studio.errors import PlaygroundError
+    from studio.playground import Playground
+
+    pg = Playground.for_run(eval_root / "chat-run")
+    with pytest.raises(PlaygroundError) as e:
+        pg.eval_sample(n=8)
+    msg = str(e.value)
+    assert msg == ("run chat-run is a text model (causal_lm): it writes text, and accuracy on held-out examples is "
+                   "measured for classifiers; compare its answers with Generate (studio generate), or score them on "
+                   "held-out examples in the Evaluate tab (studio eval)")
+    assert "eval_sample" not in msg and "stream" not in msg

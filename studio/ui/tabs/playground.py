@@ -184,9 +184,15 @@ def generate(runs_dir: Path, v: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
             yield {f"playground.{c}": _probs(pg.classify([prompt], adapter=a)[0]) for c, a in columns.items()}
             return
         names = {("base" if a is False else "default" if a is True else a): c for c, a in columns.items()}
+        row = {}
         for row in pg.compare(prompt, [n for n in names if n != "base"], template=v["playground.template"],
                               **_sampling(v)):
             yield {f"playground.{names[n]}": text for n, text in row.items()}
+        # an empty column says why (the engine keeps the last generation's figures per column)
+        notes = {n: pg.empty_answer_note("tuned" if n == "default" else n, v["playground.template"])
+                 for n, text in row.items() if not text.strip()}
+        if any(notes.values()):
+            yield {f"playground.{names[n]}": f"({note})" for n, note in notes.items() if note}
     except (StudioError, ValueError) as e:
         yield {"playground.message": message(str(e))}
 
