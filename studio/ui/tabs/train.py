@@ -150,8 +150,7 @@ def continue_run(runs_dir: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     try:
         if not run:
             raise StudioError("no run to continue: train one to completion first")
-        steps = v["train.continue_steps"]
-        cfg, extra = runs.continuation(runs.RunDir.of(runs_dir, run).path, int(steps) if steps is not None else steps)
+        cfg, extra = runs.continuation(runs.RunDir.of(runs_dir, run).path, v["train.continue_steps"])
         preflight(cfg)
         run_dir, position = queue.submit(cfg, runs_dir, extra)
         live.forget_active(runs_dir)
@@ -160,7 +159,8 @@ def continue_run(runs_dir: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     except OSError as e:
         return {"train.continue_message": reason_html(os_error_message(e, f"cannot write the runs folder {runs_dir}"))}
     where = f"queued at position {position}" if position is not None else "started"
-    return {"train.continue_message": html.escape(f"{run_dir.name} {where}: {steps} more steps from {run}'s final adapter"),
+    return {"train.continue_message": html.escape(f"{run_dir.name} {where}: {cfg.train.max_steps} more steps from "
+                                                  f"{run}'s final adapter"),
             "train.live": {"run": run_dir.name, "active": True}}
 
 
