@@ -1,5 +1,6 @@
 """UI handlers as plain functions: no browser, same code paths the events call."""
 
+import html
 import json
 
 import gradio as gr
@@ -942,7 +943,7 @@ def test_continue_button_trains_a_completed_run_further_as_a_new_run(eval_root, 
                                ("chat-run", 0, "steps to continue for must be a whole number >= 1, got 0"),
                                (None, 5, "no run to continue")):
         out = ask(run, steps)
-        assert needle in out["train.continue_message"] and "train.live" not in out
+        assert needle in html.unescape(out["train.continue_message"]) and "train.live" not in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat-run", "no-adapter"]  # nothing was made
     out = ask("chat-run", 2)
     child = out["train.live"]["run"]
