@@ -48,7 +48,10 @@ def check_switches(cfg: RunConfig) -> None:
 
     import torch
 
+    from studio.runs.memory_guard import resolve_limit
+
     m, t = cfg.model, cfg.train
+    resolve_limit()  # a bad STUDIO_TRAINER_MEMORY_LIMIT_BYTES is named here, not when the trainer starts
     cuda = torch.cuda.is_available()
     needs_bnb = [f"model.quantization {m.quantization}"] if m.quantization != "none" else []
     needs_bnb += ["train.optim adamw_8bit"] if t.optim == "adamw_8bit" else []
@@ -110,8 +113,9 @@ CPU_TRANSIENT_SHARE = 0.45
 
 def available_memory() -> tuple[int, str, str]:
     """(bytes the run can use, where they are, "cpu" or "cuda") on the device the trainer will use:
-    the free memory of the GPU, else the RAM available (within this cgroup's limit, when lower);
-    $STUDIO_MEMORY_LIMIT_BYTES instead when set."""
+    the free memory of the GPU, else the RAM available (within this cgroup's limit, and the
+    trainer's $STUDIO_TRAINER_MEMORY_LIMIT_BYTES, when lower); $STUDIO_MEMORY_LIMIT_BYTES instead
+    when set."""
     import os
 
     import torch
@@ -137,19 +141,19 @@ def available_memory() -> tuple[int, str, str]:
     cgroup = _cgroup_room()
     if cgroup is not None and cgroup < avail:
         avail, where = cgroup, "left under this cgroup's memory limit"
+    from studio.runs.memory_guard import LIMIT_ENV, resolve_limit
+
+    limit, _ = resolve_limit()  # the trainer holds itself under this (a margin under the RAM by default)
+    if os.environ.get(LIMIT_ENV, "").strip() and limit is not None and limit < avail:
+        avail, where = limit, f"the trainer's memory limit ({LIMIT_ENV})"
     return avail, where, device
 
 
 def _cgroup_room() -> int | None:
-    """Bytes left under a cgroup v2 memory limit (a container's), or None without one."""
-    root = Path("/sys/fs/cgroup")
-    try:
-        limit = (root / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return max(0, int(limit) - int((root / "memory.current").read_text()))
-    except (OSError, ValueError):
-        return None
+    """Bytes left under this process's cgroup memory limit (v2 or v1), or None without one."""
+    from studio.runs.memory_guard import cgroup_room
+
+    return cgroup_room()
 
 
 def run_memory(cfg: RunConfig, device: str) -> dict:
@@ -200,7 +204,7 @@ def check_fits(cfg: RunConfig, tree=None, count=None, available: int | None = No
     peak, for a batch filled to max_length: packing fills every block, and padded batches are
     shorter only when their longest example is.
     """
-    m, t = cfg.model, cfg.train
+    m = cfg.model
     if tree is None:
         tree = model_tree(m.name_or_path, m.task, m.trust_remote_code)
     if count is None:
@@ -216,6 +220,40 @@ def check_fits(cfg: RunConfig, tree=None, count=None, available: int | None = No
     need, parts = needed_memory(tree, count, cfg.lora, device, **o)
     if need <= available:
         return
+    b = o["batch"]
+    breakdown = ", ".join(f"{k} {_gb(v)}" for k, v in parts.items())
+    raise ConfigError(
+        f"will not fit: the memory estimate is {_gb(need)} ({breakdown}) for micro-batch {b} x max_length "
+        f"{o['seq']} ({o['precision']}, quantization {o['quant']}, optimizer {o['optimizer']}"
+        + (", gradient checkpointing" if o["gradient_checkpointing"] else "")
+        + f") against {_gb(available)} ({where}) on the {'GPU' if device == 'cuda' else 'CPU'}: "
+        f"{_gb(need - available)} too much. {_advice(cfg, tree, count, device, o, available)}. "
+        + INSIST[0].upper() + INSIST[1:])
+
+
+# When a run ran out of memory although its estimate was under the limit, the estimate was short
+# of this run's real need; the advice then aims this far under the estimate.
+SHORT_ESTIMATE_TARGET = 0.8
+
+
+def advice_for_limit(cfg: RunConfig, limit: int, device: str, tree=None, count=None) -> tuple[int, str]:
+    """(the run's memory estimate, preflight's suggestions) for a run that may hold `limit` bytes:
+    what the trainer says when it runs out. Suggestions aim under the limit, or, when the estimate
+    is under it already (and so short of the real need), SHORT_ESTIMATE_TARGET of the estimate."""
+    m = cfg.model
+    if tree is None:
+        tree = model_tree(m.name_or_path, m.task, m.trust_remote_code)
+    if count is None:
+        count = lora.check(tree, cfg.lora)
+    o = run_memory(cfg, device)
+    need, _ = needed_memory(tree, count, cfg.lora, device, **o)
+    target = limit if need > limit else int(SHORT_ESTIMATE_TARGET * need)
+    return need, _advice(cfg, tree, count, device, o, target)
+
+
+def _advice(cfg: RunConfig, tree, count, device: str, o: dict, available: int) -> str:
+    """Which switches would bring the estimate under `available`, each with its estimate."""
+    t = cfg.train
 
     def fits(**change) -> int | None:
         n, _ = needed_memory(tree, count, cfg.lora, device, **{**o, **change})
@@ -268,13 +306,7 @@ def check_fits(cfg: RunConfig, tree=None, count=None, available: int | None = No
         else:
             lead, ideas = "Not even ", [f"{what} would fit ({_gb(n)}): pick a smaller model or a device with "
                                         "more memory"]
-    breakdown = ", ".join(f"{k} {_gb(v)}" for k, v in parts.items())
-    raise ConfigError(
-        f"will not fit: the memory estimate is {_gb(need)} ({breakdown}) for micro-batch {b} x max_length "
-        f"{o['seq']} ({o['precision']}, quantization {o['quant']}, optimizer {o['optimizer']}"
-        + (", gradient checkpointing" if o["gradient_checkpointing"] else "")
-        + f") against {_gb(available)} ({where}) on the {'GPU' if device == 'cuda' else 'CPU'}: "
-        f"{_gb(need - available)} too much. {lead}" + "; ".join(ideas) + f". {INSIST[0].upper() + INSIST[1:]}")
+    return lead + "; ".join(ideas)
 
 
 def _longest_fitting(fits, seq: int) -> int | None:

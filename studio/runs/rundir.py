@@ -22,10 +22,12 @@ ready: trainable_params, total_params, format, train_examples, eval_examples, tr
 class names by id, as the trainer numbered them). Measured while training, for a stop to know
 how long the step in progress and the save take: step_s (the slowest of the recent optimizer
 steps), save_s (the last checkpoint save), eval_s (the last evaluation), adapter_save_s (the
-final adapter save). `RunDir.status()` adds alive, id, dir.
+final adapter save). Memory: peak_rss_mb (and peak_gpu_mb on a GPU), the trainer's peaks so far,
+and memory = {limit_bytes, limit_source, mechanism, estimate_bytes, advice, cgroup_events,
+cgroup_oom_kill} (studio.runs.memory_guard). `RunDir.status()` adds alive, id, dir.
 
 metrics.jsonl rows: training logs {step, epoch, loss, learning_rate, grad_norm, tokens (non-
-padding tokens since the previous row), tokens_per_s, elapsed_s}; evaluations {step, epoch,
+padding tokens since the previous row), tokens_per_s, peak_rss_mb, peak_gpu_mb (GPU), elapsed_s}; evaluations {step, epoch,
 eval_loss, eval_accuracy, elapsed_s}; the last row {train_loss, train_runtime}; a diverged step
 has loss null and diverged true; a resume adds {event: "resumed", step, checkpoint} (rows logged
 before it with a larger step were lost with the crash and come again after it).
@@ -47,6 +49,7 @@ import psutil
 
 from studio.errors import RunError
 from studio.adapters import names as adapter_names
+from studio.runs.memory_guard import killed_for_memory
 
 STATES = ("queued", "running", "stopping", "stopped", "completed", "failed", "diverged")
 ACTIVE_STATES = ("queued", "running", "stopping")
@@ -262,7 +265,8 @@ class RunDir:
     def status(self, max_age_s: float = ALIVE_TTL_S) -> dict:
         """status.json as plain data, corrected by what the processes say.
 
-        A run in an active state whose processes are gone is reported `failed` with the tail of
+        A run in an active state whose processes are gone is reported `failed` with "out of memory
+        at step N" when the kernel or its cgroup killed it for memory (memory_guard), else the tail of
         train.log as its error (or `stopped` when a stop had been asked for). A requested stop
         shows as `stopping` at once, before the trainer reaches the end of its step. Never writes.
         `max_age_s`: how old a remembered answer about the processes may be (0: ask them now).
@@ -281,7 +285,7 @@ class RunDir:
                 status["state"] = "stopped"
             elif launch or status.get("pid"):  # it was started: a dead process without a final state crashed
                 status["state"] = "failed"
-                status["error"] = status.get("error") or (
+                status["error"] = status.get("error") or killed_for_memory(status) or (
                     "the trainer process ended without writing a final state; last lines of train.log:\n"
                     + (self.log_tail() or "(train.log is empty)"))
         status["alive"] = alive

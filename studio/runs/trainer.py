@@ -71,6 +71,12 @@ mode under trackers/wandb, trackio under trackers/trackio. A variable the user a
 (MLFLOW_TRACKING_URI, WANDB_MODE, ...) wins. status.json `trackers` maps each tracker to its
 `path` and the `open` command that shows it.
 
+Memory (studio.runs.memory_guard). The trainer holds itself under a limit a margin below the RAM
+available when it starts ($STUDIO_TRAINER_MEMORY_LIMIT_BYTES sets it, `off` lifts it); running out
+of memory there, on the GPU, or being killed for it by the kernel ends the run `failed` with "out
+of memory at step N (peak X GB)" and preflight's suggestions (status.json `memory` holds them from
+the start). Each training row of metrics.jsonl carries peak_rss_mb (and peak_gpu_mb on a GPU).
+
 Test hooks: the environment variable STUDIO_INJECT_NAN_AT_STEP=N multiplies the training loss
 of optimizer step N by NaN, as a real divergence would look; STUDIO_SLOW_STEP_S=SECONDS makes
 every optimizer step that much longer, as a big model or a busy machine would. They exist for
@@ -127,6 +133,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from studio import _compat, runs  # noqa: E402
 from studio.config import RunConfig, load_config  # noqa: E402
 from studio.errors import ConfigError, StudioError  # noqa: E402
+from studio.runs import memory_guard  # noqa: E402
 from studio.runs.loss import labelled_loss  # noqa: E402
 from studio.runs.rundir import RunDir  # noqa: E402
 
@@ -148,6 +155,7 @@ class Reporter:
         self.run_dir, self.enabled = run_dir, enabled
         self.rd = RunDir(run_dir)
         self.status = self.rd.read_status_file() or {}
+        self.guard: memory_guard.Guard | None = None  # the memory limit main() set, if any
         self._metrics = self.rd.open_metrics() if enabled else None
 
     def update(self, **fields) -> None:
@@ -262,6 +270,8 @@ class StudioCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         _Stop.raise_now = False  # from here a stop waits for the end of the step
+        if self.report.guard is not None:
+            self.report.guard.apply()  # the room left, measured again now that the model is in memory
         self.t0 = self.mark = self.last_status = time.time()
         self.step0, self.train_time = state.global_step, 0.0
         self.report.update(state="stopping" if _Stop.requested else "running", phase="training",
@@ -300,12 +310,13 @@ class StudioCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True  # a checkpoint of this very step: resume continues from here
             control.should_evaluate = False
+        self.report.status["step"] = state.global_step  # an out-of-memory report names the step after it
         if now - self.last_status >= 1.0 or control.should_training_stop:
             self.last_status = now
             done = state.global_step - self.step0
             eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else None
             self.report.update(state="stopping" if self.stop else "running", step=state.global_step,
-                               eta_s=eta, elapsed_s=self._elapsed())
+                               eta_s=eta, elapsed_s=self._elapsed(), **memory_guard.peaks())
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         self.mark = time.time()  # evaluation time is not training time (tokens/s)
@@ -343,6 +354,7 @@ class StudioCallback(TrainerCallback):
             row["tokens"] = int(tokens)  # non-padding tokens since the previous training log line
             row["tokens_per_s"] = float(tokens) / self.train_time if self.train_time > 0 else None
             self.train_time = 0.0
+            row.update(memory_guard.peaks())  # peak_rss_mb (and peak_gpu_mb): how close the run is to the limit
         for k in METRIC_KEYS:
             if k in logs:
                 row[k] = logs[k]
@@ -555,6 +567,8 @@ def drop_partial_checkpoints(run_dir: Path) -> list[str]:
 def train(run_dir: Path, resume: bool, report: Reporter) -> str:
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
+    if report.enabled:
+        report.update(memory=memory_status(cfg, report.guard))
     ckpt = None
     if resume:
         ckpt = rd.last_complete_checkpoint()
@@ -606,6 +620,34 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
     return state
 
 
+def memory_status(cfg: RunConfig, guard: memory_guard.Guard | None) -> dict:
+    """status.json `memory`: the limit, the estimate and preflight's suggestions for running out,
+    and the cgroup's oom_kill count before training (a SIGKILL is then told apart from one by hand)."""
+    out = dict(guard.describe()) if guard is not None else {}
+    try:
+        from studio.runs import preflight
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        limit = guard.limit if guard is not None and guard.limit else preflight.available_memory()[0]
+        out["estimate_bytes"], out["advice"] = preflight.advice_for_limit(cfg, limit, device)
+    except Exception as e:  # an estimate the model cannot give (an architecture it does not know) is no failure
+        out["advice"] = None
+        print(f"studio: no memory estimate for this run ({type(e).__name__}: {e})", flush=True)
+    kills = memory_guard.cgroup_oom_kills()
+    if kills is not None:
+        out["cgroup_events"], out["cgroup_oom_kill"] = kills
+    return out
+
+
+def out_of_memory(report: Reporter, exc: BaseException) -> str:
+    """The run's error for an allocation that failed: the step, the peak, what ran out, the advice."""
+    st = report.status
+    step = int(st.get("step") or 0) + (1 if st.get("phase") == "training" else 0)
+    memory = st.get("memory")
+    return memory_guard.oom_message(step, memory_guard.peak_rss_bytes(), memory_guard.failure_detail(exc, memory),
+                                    memory, memory_guard.peak_gpu_bytes())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studio.runs.trainer", description="Run one LoRA training run (a run folder).")
     p.add_argument("run_dir", help="run folder holding config.yaml")
@@ -627,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                   stop_reason=None)
     _Stop.raise_now = True
     try:
+        report.guard = memory_guard.Guard.start(cuda=torch.cuda.is_available())
         if _Stop.requested:
             raise StopRequested("signal during start-up")
         state = train(run_dir, a.resume, report)
@@ -646,6 +689,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:
+        if memory_guard.is_oom(e):
+            if report.guard is not None:
+                report.guard.release()  # the report and the traceback need memory too
+            error = out_of_memory(report, e)
+            report.update(state="failed", phase="done", error=error, finished_at=time.time(),
+                          **memory_guard.peaks())
+            traceback.print_exc()
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return 1
         traceback.print_exc()
         report.update(state="failed", phase="done", error=f"{type(e).__name__}: {e}", finished_at=time.time())
         return 1
