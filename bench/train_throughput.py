@@ -1,8 +1,11 @@
 """Training throughput of the studio trainer (a benchmark, not a test).
 
     python bench/train_throughput.py [--steps 60] [--repeats 5] [--threads N] [--json out.json] [--no-docs]
+    python bench/train_throughput.py --case smollm2-chat [--steps 20] [--repeats 2] ...
 
-One model (tiny-llama), one dataset, one set of hyperparameters throughout:
+`--case smollm2-chat` is SmolLM2 on a chat dataset, packed and response-masked, against a plain
+Trainer + PEFT script, with 4-bit beside fp32 (bench/train_throughput_chat.py says what it measures).
+The default case, tiny-llama, has one model, one dataset, one set of hyperparameters throughout:
 
 1. Overhead: `python -m studio.runs.trainer RUN_DIR` (status, metrics stream, token counting, stop
    and divergence checks) against a plain reference script, Trainer + PEFT written the usual
@@ -241,15 +244,27 @@ def base_matmul_params(model_ref: str = "tiny-llama") -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--case", choices=["tiny-llama", "smollm2-chat"], default="tiny-llama")
+    ap.add_argument("--steps", type=int, default=None, help="steps a run (default 60; smollm2-chat 20)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs a side (default 5; smollm2-chat 2)")
+    ap.add_argument("--batch", type=int, default=2, help="smollm2-chat: micro-batch")
+    ap.add_argument("--max-length", type=int, default=256, help="smollm2-chat: packed block length")
+    ap.add_argument("--steps-4bit", type=int, default=10, help="smollm2-chat: steps of the 4-bit run")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's own)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     ap.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--reference", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--reference-chat", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.reference:
         return reference(a.reference)
+    if a.reference_chat:
+        from train_throughput_chat import plain_reference
+
+        return plain_reference(a.reference_chat)
+    chat = a.case == "smollm2-chat"
+    a.steps = a.steps or (20 if chat else 60)
+    a.repeats = a.repeats or (2 if chat else 5)
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
@@ -257,7 +272,12 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     work = Path(tempfile.mkdtemp(prefix="studio-bench-"))
     try:
-        run_all(a, env, threads, work)
+        if chat:
+            from train_throughput_chat import run_chat
+
+            run_chat(a, env, threads, work)
+        else:
+            run_all(a, env, threads, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
