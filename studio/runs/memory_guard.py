@@ -2,8 +2,8 @@
 
 The limit. The trainer caps itself at `STUDIO_TRAINER_MEMORY_LIMIT_BYTES` (a whole number of
 bytes; `off` for none), by default the RAM available when it starts (within its cgroup's limit,
-when that is lower) plus what it already holds, less a margin (MARGIN_BYTES or MARGIN_SHARE of
-the RAM, the larger), so an oversized run fails alone instead of the kernel's OOM killer
+when that is lower; shared evenly by the processes of a DDP run) plus what it already holds, less
+a margin (MARGIN_BYTES or MARGIN_SHARE of the RAM, the larger), so an oversized run fails alone instead of the kernel's OOM killer
 choosing among the trainer, the UI server and everything else. What was measured here (Linux
 6.18, 2-core CPU, 23 GB, no GPU) decided how:
 
@@ -45,6 +45,7 @@ import os
 import re
 import resource
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -176,7 +177,10 @@ def resolve_limit(environ=None) -> tuple[int | None, str]:
         room, where = cg, "room under the cgroup's limit"
     margin = max(MARGIN_BYTES, int(MARGIN_SHARE * vm.total))
     held = _proc_status("VmRSS") or 0
-    return max(held + room - margin, held + MB), f"{where} at start less a {gb(margin)} margin"
+    # Processes of one DDP run start together and each sees the same room: they share it.
+    local = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    share = f", shared by {local} processes" if local > 1 else ""
+    return max(held + (room - margin) // local, held + MB), f"{where} at start less a {gb(margin)} margin{share}"
 
 
 class Guard:
@@ -266,16 +270,46 @@ def failure_detail(exc: BaseException, memory: dict | None) -> str:
     return asked
 
 
+def failure_message(status: dict, exc: BaseException) -> str:
+    """The run's error for an allocation that failed in this process: the step in progress (from
+    the trainer's status), the peak, what ran out, the advice."""
+    step = int(status.get("step") or 0) + (1 if status.get("phase") == "training" else 0)
+    memory = status.get("memory")
+    return oom_message(step, peak_rss_bytes(), failure_detail(exc, memory), memory, peak_gpu_bytes())
+
+
+def run_status(cfg, guard: Guard | None, cuda: bool) -> dict:
+    """status.json `memory` for the run `cfg`: the limit, the estimate and preflight's suggestions
+    for running out, and the cgroup's oom_kill count before training (a later kill then shows)."""
+    out = dict(guard.describe()) if guard is not None else {}
+    try:
+        from studio.runs import preflight
+
+        limit = guard.limit if guard is not None and guard.limit else preflight.available_memory()[0]
+        out["estimate_bytes"], out["advice"] = preflight.advice_for_limit(cfg, limit, "cuda" if cuda else "cpu")
+    except Exception as e:  # an architecture the estimate does not know is no reason to fail the run
+        out["advice"] = None
+        print(f"studio: no memory estimate for this run ({type(e).__name__}: {e})", flush=True)
+    kills = cgroup_oom_kills()
+    if kills is not None:
+        out["cgroup_events"], out["cgroup_oom_kill"] = kills
+    return out
+
+
 _kmsg_lock = threading.Lock()
-_kmsg_seen: dict[int, str | None] = {}
+_kmsg_seen: dict[tuple, str | None] = {}
 
 
-def kernel_killed(pid: int) -> str | None:
-    """The kernel log's line saying the OOM killer ended `pid`, or None (also when the log cannot be read)."""
+def kernel_killed(pid: int, since: float | None = None) -> str | None:
+    """The kernel log's line saying the OOM killer ended `pid` (after unix time `since`, so a reused
+    pid is not mistaken for it), or None, also when the log cannot be read."""
+    key = (pid, since)
     with _kmsg_lock:
-        if pid in _kmsg_seen:
-            return _kmsg_seen[pid]
-    found = None
+        if key in _kmsg_seen:
+            return _kmsg_seen[key]
+    # Kernel log times are seconds of the monotonic clock (as time.monotonic, no suspend in them):
+    # a kill no older than the run's wall time since `since` is this run's.
+    found, now, mono = None, time.time(), time.monotonic()
     try:
         fd = os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
@@ -292,13 +326,17 @@ def kernel_killed(pid: int) -> str | None:
                 break
             m = KILLED.search(rec)
             if m and int(m.group(1)) == pid:
-                found = rec.split(";", 1)[-1].strip().splitlines()[0]
+                head, _, text = rec.partition(";")
+                fields = head.split(",")  # priority, sequence, microseconds since boot, flags
+                age = mono - int(fields[2]) / 1e6 if len(fields) > 2 and fields[2].isdigit() else None
+                if since is None or age is None or age <= now - since + 5:
+                    found = text.strip().splitlines()[0]
     finally:
         os.close(fd)
     with _kmsg_lock:
         if len(_kmsg_seen) > 256:
             _kmsg_seen.clear()
-        _kmsg_seen[pid] = found
+        _kmsg_seen[key] = found
     return found
 
 
@@ -306,7 +344,7 @@ def killed_for_memory(status: dict) -> str | None:
     """For a trainer that died without a final state: the out-of-memory line, when there is evidence."""
     pid, memory = status.get("pid"), status.get("memory") or {}
     evidence = None
-    line = kernel_killed(int(pid)) if pid else None
+    line = kernel_killed(int(pid), status.get("started_at")) if pid else None
     if line:
         evidence = f"the kernel's OOM killer ended the trainer (kernel log: {line})"
     else:

@@ -285,7 +285,8 @@ class RunDir:
                 status["state"] = "stopped"
             elif launch or status.get("pid"):  # it was started: a dead process without a final state crashed
                 status["state"] = "failed"
-                status["error"] = status.get("error") or killed_for_memory(status) or (
+                status["error"] = status.get("error") or killed_for_memory(
+                    {**status, "pid": status.get("pid") or launch.get("pid")}) or (
                     "the trainer process ended without writing a final state; last lines of train.log:\n"
                     + (self.log_tail() or "(train.log is empty)"))
         status["alive"] = alive

@@ -568,7 +568,7 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
     if report.enabled:
-        report.update(memory=memory_status(cfg, report.guard))
+        report.update(memory=memory_guard.run_status(cfg, report.guard, torch.cuda.is_available()))
     ckpt = None
     if resume:
         ckpt = rd.last_complete_checkpoint()
@@ -620,34 +620,6 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
     return state
 
 
-def memory_status(cfg: RunConfig, guard: memory_guard.Guard | None) -> dict:
-    """status.json `memory`: the limit, the estimate and preflight's suggestions for running out,
-    and the cgroup's oom_kill count before training (a SIGKILL is then told apart from one by hand)."""
-    out = dict(guard.describe()) if guard is not None else {}
-    try:
-        from studio.runs import preflight
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        limit = guard.limit if guard is not None and guard.limit else preflight.available_memory()[0]
-        out["estimate_bytes"], out["advice"] = preflight.advice_for_limit(cfg, limit, device)
-    except Exception as e:  # an estimate the model cannot give (an architecture it does not know) is no failure
-        out["advice"] = None
-        print(f"studio: no memory estimate for this run ({type(e).__name__}: {e})", flush=True)
-    kills = memory_guard.cgroup_oom_kills()
-    if kills is not None:
-        out["cgroup_events"], out["cgroup_oom_kill"] = kills
-    return out
-
-
-def out_of_memory(report: Reporter, exc: BaseException) -> str:
-    """The run's error for an allocation that failed: the step, the peak, what ran out, the advice."""
-    st = report.status
-    step = int(st.get("step") or 0) + (1 if st.get("phase") == "training" else 0)
-    memory = st.get("memory")
-    return memory_guard.oom_message(step, memory_guard.peak_rss_bytes(), memory_guard.failure_detail(exc, memory),
-                                    memory, memory_guard.peak_gpu_bytes())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studio.runs.trainer", description="Run one LoRA training run (a run folder).")
     p.add_argument("run_dir", help="run folder holding config.yaml")
@@ -692,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         if memory_guard.is_oom(e):
             if report.guard is not None:
                 report.guard.release()  # the report and the traceback need memory too
-            error = out_of_memory(report, e)
+            error = memory_guard.failure_message(report.status, e)
             report.update(state="failed", phase="done", error=error, finished_at=time.time(),
                           **memory_guard.peaks())
             traceback.print_exc()
