@@ -124,7 +124,7 @@ def test_peaks_are_logged_every_step_and_shown_in_the_status_line(env, dataset, 
     from studio.ui.live import status_view
 
     html, _, _ = status_view(run_dir)
-    assert f"peak RAM {st['peak_rss_mb'] / 1024:.2f} GB of {mem['limit_bytes'] / 2**30:.2f}" in html
+    assert f"peak RAM {st['peak_rss_mb'] / 1024:.2f} of {mem['limit_bytes'] / 2**30:.2f} GB" in html
 
 
 def test_a_bad_limit_is_one_line_naming_it(env, dataset, tmp_path, capsys):

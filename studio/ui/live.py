@@ -386,7 +386,7 @@ def status_view(run_dir: Path | None, st: dict | None = None) -> tuple[str, str,
     limit = (st.get("memory") or {}).get("limit_bytes")  # how close the run is to the trainer's memory limit
     for key, what, of in (("peak_rss_mb", "RAM", limit), ("peak_gpu_mb", "GPU", None)):
         if isinstance(st.get(key), (int, float)):
-            bits.append(f"peak {what} {st[key] / 1024:.2f} GB" + (f" of {of / 2**30:.2f}" if of else ""))
+            bits.append(f"peak {what} {st[key] / 1024:.2f}" + (f" of {of / 2**30:.2f}" if of else "") + " GB")
     out = "<div class='rs'>" + " · ".join(bits) + "</div>"
     if st.get("error") and state_name in ("failed", "diverged"):
         out += f"<pre class='rs-err'>{html.escape(str(st['error'])[-3000:])}</pre>"
