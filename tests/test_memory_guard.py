@@ -96,6 +96,8 @@ def test_a_run_over_the_trainers_memory_limit_fails_out_of_memory_with_step_peak
     assert main(["runs", "--runs-dir", str(root), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["runs"]
     assert listed[0]["state"] == "failed" and listed[0]["error"] == st["error"]
+    assert main(["runs", "--runs-dir", str(root)]) == 0
+    assert f"\n    {st['error']}\n" in capsys.readouterr().out
     assert not runs.RunDir(run_dir).adapter.exists(), "nothing half-written"
     # and the UI's status line shows status.json's error
     from studio.ui.live import status_view

@@ -226,6 +226,8 @@ def cmd_runs(a) -> int:
         ll = f"{r['last_loss']:.4f}" if isinstance(r.get("last_loss"), (int, float)) else "-"
         el = f"{r['eval_loss']:.4f}" if isinstance(r.get("eval_loss"), (int, float)) else "-"
         print(f"{r['id']:<40} {r['state']:<10} {steps:>11}  {ll:>9}  {el:>9}")
+        if r["state"] in ("failed", "diverged") and r.get("error"):
+            print(f"    {str(r['error']).splitlines()[0]}")  # why, on the line below (out of memory, a bad loss, ...)
     return 0
 
 
