@@ -12,6 +12,7 @@ from studio.errors import StudioError
 from studio.models.tree import model_tree
 from studio.ui import live
 from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import memory_panel
 from studio.ui.tabs import model as model_tab
 from studio.ui.tabs import runs as runs_tab
 from studio.ui.tabs import train as train_tab
@@ -611,7 +612,7 @@ def test_memory_estimate_fits_row_and_largest_batch_equal_the_engine(kw):
     tree = model_tree("llama-3.1-8b")
     s = LoraSettings(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
     c = lora.count(tree, s)
-    o = model_tab.memory_options(v)
+    o = memory_panel.memory_options(v)
     est = memory.estimate(tree, c, s, device="cuda", **o)
     need = est.total_bytes + memory.CUDA_CONTEXT_BYTES + memory.logits_grad_bytes(tree, o["batch"], o["seq"])
     assert f"data-bytes='{need}'" in out["model.memory_total"]
@@ -623,7 +624,7 @@ def test_memory_estimate_fits_row_and_largest_batch_equal_the_engine(kw):
     assert at(n + 1) > 24 * memory.GIB  # the largest
     # the stacked bar: weights / adapter+grads+optimizer / activations (+ the stated allowance), in GB
     fig = json.loads(out["model.memory_chart"].plot)
-    assert [t["name"] for t in fig["data"]] == [name for name, _ in model_tab.MEMORY_PARTS]
+    assert [t["name"] for t in fig["data"]] == [name for name, _ in memory_panel.MEMORY_PARTS]
     bars = [t["x"][0] * memory.GIB for t in fig["data"]]
     assert bars[:3] == pytest.approx([est.weights_bytes, est.trainable_bytes + est.gradients_bytes
                                       + est.optimizer_bytes, est.activations_bytes])
@@ -664,11 +665,11 @@ def test_memory_estimate_of_405b_keeps_up_with_the_sliders():
     keys = model_tab.load("llama-3.1-405b").tree["value"]
     sel = model_tab.selection(defaults(keys, state=state))
     sel.checked()  # the count's own cost is the count's test
-    model_tab.memory_view(sel, memory_values())
+    memory_panel.memory_view(sel, memory_values())
     times = []
     for i in range(5):
         t = time.process_time()
-        model_tab.memory_view(sel, memory_values(batch=1 + i, checkpointing=bool(i % 2)))
+        memory_panel.memory_view(sel, memory_values(batch=1 + i, checkpointing=bool(i % 2)))
         times.append(time.process_time() - t)
     assert min(times) < 0.020, times
 
