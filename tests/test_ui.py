@@ -377,8 +377,9 @@ def test_widgets_start_at_the_config_defaults_and_a_model_brings_its_starter_set
     from studio.ui import app
 
     # picking a model in the dropdown shows its starter settings, every one a registered output
-    mini = app.pick_model({"model.model_select": "minilm-l6", "model.trust_remote_code": False})
-    assert set(mini) == set(app.LOAD_OUT + train_tab.SETTINGS_FORM + ("data.picked",))
+    mini = app.pick_model({"model.model_select": "minilm-l6", "model.trust_remote_code": False, "model.state": LLAMA,
+                           "data.dataset_select": data_tab.default_dataset("causal_lm"), "data.data_format": "auto"})
+    assert set(mini) == set(app.LOAD_OUT + train_tab.SETTINGS_FORM + ("data.picked",)) - {"model.model_select"}
     assert mini["data.picked"]["data.dataset_select"] == mini["data.dataset_select"]
     assert mini["train.learning_rate"] == 1e-3 and mini["data.max_length"] == 128 and mini["model.task"] == "seq_cls"
     assert mini["data.dataset_select"] == data_tab.default_dataset("seq_cls")
@@ -1006,3 +1007,59 @@ def test_task_mismatch_messages_speak_of_what_to_do_not_of_methods(eval_root):
                    "measured for classifiers; compare its answers with Generate (studio generate), or score them on "
                    "held-out examples in the Evaluate tab (studio eval)")
     assert "eval_sample" not in msg and "stream" not in msg
+
+
+# --- the first hour: choices that survive a load, one message where the user looks --------------
+
+def _pick(ref, dataset, shown=LLAMA, fmt="auto"):
+    from studio.ui import app
+
+    return app.pick_model({"model.model_select": ref, "model.trust_remote_code": False, "model.state": shown,
+                           "data.dataset_select": dataset, "data.data_format": fmt})
+
+
+def test_a_model_that_cannot_load_leaves_the_tree_and_says_why_next_to_load(tmp_path):
+    from studio.ui import app
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 16)
+    for ref, needle in ((str(weights), f"{weights} is a file, not a model folder"),
+                        (str(tmp_path / "nope"), "does not exist"),
+                        ("no-such-model", "unknown model 'no-such-model'")):
+        out = _pick(ref, data_tab.default_dataset("causal_lm"))
+        # nothing that describes a model changes; the box goes back to the model the tree shows
+        assert set(out) == {"model.message", "model.model_select", "model.task", "data.picked"}, ref
+        assert out["model.model_select"] == "tiny-llama" and out["model.task"] == "causal_lm"
+        assert needle in out["model.message"] and "Still showing <b>tiny-llama</b>" in out["model.message"]
+        assert out["model.message"].count("⚠") == 1 and "class='bad'" in out["model.message"]
+    # another task for the box's bad value: the same, the task back on the shown one
+    out = app.pick_task({"model.model_select": str(weights), "model.trust_remote_code": False,
+                         "model.state": LLAMA, "model.task": "seq_cls"})
+    assert out["model.task"] == "causal_lm" and "is a file" in out["model.message"]
+    assert "model.module_tree" not in out
+    # a good load clears the message
+    assert _pick("tiny-llama", data_tab.default_dataset("causal_lm"))["model.message"] == ""
+
+
+def test_load_keeps_the_users_dataset_when_it_suits_the_model_and_says_when_it_changes(tmp_path):
+    instructions, sentiment = data_tab.default_dataset("causal_lm"), data_tab.default_dataset("seq_cls")
+    own = tmp_path / "mine.jsonl"
+    own.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(4)))
+    # reloading the same model keeps an upload or a typed path, and its format, without a word
+    out = _pick("tiny-llama", str(own), fmt="alpaca")
+    assert "data.dataset_select" not in out and "data.data_format" not in out and out["model.message"] == ""
+    assert "data.dataset_select" not in out["data.picked"]
+    # another causal LM keeps it too
+    assert "data.dataset_select" not in _pick("tiny-gpt2", str(own))
+    # a classifier cannot train on it: the starter dataset, and the note says why
+    out = _pick("minilm-l6", str(own))
+    assert out["data.dataset_select"] == sentiment == out["data.picked"]["data.dataset_select"]
+    assert "<b>mine.jsonl</b> does not suit minilm-l6" in out["model.message"]
+    assert "seq_cls needs text + label columns" in out["model.message"] and "switched to <b>sentiment</b>" in out[
+        "model.message"]
+    # the dataset the user never changed follows the new model's starter, and the note names both
+    out = _pick("minilm-l6", instructions)
+    assert out["data.dataset_select"] == sentiment
+    assert "now <b>sentiment</b>, the starter dataset of minilm-l6 (was <b>instructions</b>" in out["model.message"]
+    # a typed path that does not load stays for the Data tab to explain
+    assert "data.dataset_select" not in _pick("tiny-llama", str(tmp_path / "typo.jsonl"))

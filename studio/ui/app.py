@@ -48,6 +48,7 @@ CSS = """
 .pbar-text { font-size: 12px; color: var(--body-text-color-subdued); }
 .mr th { text-align: left; padding-right: 12px; white-space: nowrap; }
 #start-reason { color: #b45309; }
+.model-note { color: #1e40af; }
 .tk-seq { margin: 8px 0; padding: 6px 8px; border: 1px solid var(--border-color-primary); border-radius: 6px; }
 .tk-head, .tk-note { font-size: 12px; color: var(--body-text-color-subdued); }
 .tk-body { font-family: var(--font-mono); font-size: 12px; white-space: pre-wrap; word-break: break-all; line-height: 1.7; }
@@ -114,7 +115,8 @@ COUNT_OUT = ("model.param_count", "model.param_chart") + model_tab.MEMORY_OUT
 PREVIEW_IN = ("data.dataset_select", "data.data_format", "data.max_length", "data.packing", "data.train_on_prompt",
               "model.state")
 PREVIEW_OUT = ("data.dataset_preview", "data.data_info", "data.dataset_tokens")
-LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.state")
+LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.state", "model.message",
+            "model.model_select")
 
 
 # --- model ---------------------------------------------------------------------------------
@@ -129,11 +131,17 @@ def _on_page_load(root: Path):
 
 def pick_model(v) -> dict:
     """A model picked (or Load pressed): its tree and default ticks, and the form at its starter settings
-    (also kept in data.picked, for the preview that follows: see _wire_model)."""
-    out = model_tab.load_view(v["model.model_select"], None, v["model.trust_remote_code"])
+    (also kept in data.picked, for the preview that follows: see _wire_model); the user's dataset
+    stays when it suits the model (train_tab.settings_after_pick). A model that cannot load changes
+    nothing but the message next to Load (model_tab.load_or_refuse)."""
+    shown = v["model.state"]
+    out = model_tab.load_or_refuse(v["model.model_select"], None, v["model.trust_remote_code"], shown)
+    if "model.state" not in out:
+        return {**out, "data.picked": {}}
     state = out["model.state"]
-    settings = train_tab.model_settings(state["ref"], state["task"])
-    return {**out, **settings, "data.picked": {k: settings[k] for k in PREVIEW_IN if k in settings}}
+    settings, note = train_tab.settings_after_pick(shown, state, v["data.dataset_select"], v["data.data_format"])
+    return {**out, **settings, "model.message": model_tab.note_html(note),
+            "data.picked": {k: settings[k] for k in PREVIEW_IN if k in settings}}
 
 
 def preview_after_pick(v) -> dict:
@@ -143,11 +151,13 @@ def preview_after_pick(v) -> dict:
 
 def pick_task(v) -> dict:
     """Another task for the same model: its tree again (the head differs); the settings stay."""
-    return model_tab.load_view(v["model.model_select"], v["model.task"], v["model.trust_remote_code"])
+    return model_tab.load_or_refuse(v["model.model_select"], v["model.task"], v["model.trust_remote_code"],
+                                    v["model.state"])
 
 
 def _wire_model(ui: Registry, root: Path):
-    pick_in = ["model.model_select", "model.trust_remote_code"]
+    pick_in = ["model.model_select", "model.trust_remote_code", "model.state", "data.dataset_select",
+               "data.data_format"]
     for event, extra in ((ui["model.model_load"].click, dict(api_name="load_model")),
                          (ui["model.model_select"].select, {})):
         picked = ui.on(event, pick_model, pick_in, LOAD_OUT + train_tab.SETTINGS_FORM + ("data.picked",), **extra,
@@ -157,7 +167,8 @@ def _wire_model(ui: Registry, root: Path):
         # one, also when the dataset stays. The dataset settings come from the pick's own state: the
         # dropdowns' values a following event reads can still be the ones before the pick.
         ui.on(picked.then, preview_after_pick, PREVIEW_IN + ("data.picked",), PREVIEW_OUT, **LIGHT)
-    _recount_on(ui, root, ui.on(ui["model.task"].input, pick_task, pick_in + ["model.task"], LOAD_OUT, **LIGHT).then)
+    _recount_on(ui, root, ui.on(ui["model.task"].input, pick_task, pick_in + ["model.task"],
+                                LOAD_OUT + ("model.task",), **LIGHT).then)
     # Ticking it explains it; the model loads with it on the next Load (nothing runs on a tick).
     ui.on(ui["model.trust_remote_code"].change, model_tab.trust_changed, ["model.trust_remote_code"],
           ["model.trust_note"], **LIGHT)

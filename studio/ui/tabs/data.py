@@ -19,6 +19,7 @@ import gradio as gr
 
 from studio import data, models
 from studio.config import DATA_FORMATS, DataConfig, field_help
+from studio.data.load import check_task
 from studio.data.token_view import PAD, token_preview
 from studio.errors import StudioError
 from studio.ui.registry import Registry
@@ -83,6 +84,28 @@ def default_dataset(task: str) -> str:
         if d["task"] == want:
             return d["path"]
     return data.list_builtin()[0]["path"]
+
+
+def dataset_name(path: str) -> str:
+    """How the list names a dataset: a built-in by its name, an upload or typed path by its file name."""
+    for d in data.list_builtin():
+        if path == d["path"]:
+            return d["name"]
+    return Path(str(path)).name or str(path)
+
+
+def task_mismatch(path: str, fmt: str | None, task: str) -> str | None:
+    """Why the dataset at `path` cannot train a model of `task` (the preflight's words), or None,
+    also when it does not load at all: the preview says why next to it, and Start is refused."""
+    try:
+        loaded = data.load_records(path, fmt or "auto")
+    except StudioError:
+        return None
+    try:
+        check_task(loaded, task)
+    except StudioError as e:
+        return str(e)
+    return None
 
 
 def safe_upload_name(name: str) -> str:

@@ -163,6 +163,25 @@ def load_view(ref: str, task: str | None = None, trust_remote_code: bool = False
             "model.state": out.state}
 
 
+def load_or_refuse(ref: str, task: str | None, trust_remote_code: bool, shown: dict | None) -> dict[str, Any]:
+    """`load_view` of the box's value, with the message next to Load cleared. A model that cannot
+    load changes nothing it does not own: the tree, count and summary stay on the model `shown`,
+    the box and the task go back to it, and the message says why, in one line where the user looks."""
+    try:
+        return {**load_view(ref, task, trust_remote_code), "model.message": ""}
+    except gr.Error as e:
+        shown = shown or {}
+        was = shown.get("ref") or DEFAULT_MODEL
+        text = f"⚠ Not loaded: {html.escape(e.message, quote=False)}. Still showing <b>{html.escape(was)}</b>."
+        return {"model.message": f"<div class='bad'>{text}</div>", "model.model_select": was,
+                "model.task": shown.get("task") or "causal_lm"}
+
+
+def note_html(text: str) -> str:
+    """A note for the message next to Load (what a load changed that the user did not ask for)."""
+    return f"<div class='model-note'>ⓘ {text}</div>" if text else ""
+
+
 def summary_markdown(ref: str, src, tree: ModelTree, trust_remote_code: bool = False) -> str:
     s = models.summary(ref, trust_remote_code)
     bits = [f"**{html.escape(tree.cls)}**", f"{human(tree.total_params)} parameters ({tree.total_params:,})",
@@ -365,6 +384,7 @@ def build(ui: Registry, ref: str = DEFAULT_MODEL, note: str = "") -> None:
             c["trust_remote_code"] = gr.Checkbox(start.model.trust_remote_code, label="trust_remote_code",
                                                  elem_id="trust-remote-code",
                                                  info="run Python code that comes with the model")
+    c["message"] = gr.HTML(elem_id="model-message")  # why a model did not load, or what its load changed
     c["trust_note"] = gr.Markdown(elem_id="trust-note")
     c["summary"] = gr.Markdown(elem_id="model-summary")
     with gr.Row():

@@ -79,6 +79,33 @@ def model_settings(ref: str, task: str) -> dict[str, Any]:
             "model.task": task, "data.dataset_select": dataset}
 
 
+def settings_after_pick(shown: dict | None, state: dict, dataset: str | None,
+                        data_format: str | None) -> tuple[dict[str, Any], str]:
+    """The form's values once the model in `state` loaded over the one `shown` before, and a note
+    for the user ("" when nothing needs saying).
+
+    The dataset the user chose stays (reloading the same model included) when it suits the new
+    model's task; one that does not is replaced by the new model's starter dataset, and the note
+    says why. A dataset the user never changed (the previous model's starter one) follows the new
+    model's starter, and the note says so when that is another one."""
+    settings = model_settings(state["ref"], state["task"])
+    new, current = settings["data.dataset_select"], dataset or ""
+    if not current or current == new:
+        return settings, ""
+    name = lambda p: f"<b>{html.escape(data_tab.dataset_name(p))}</b>"
+    ref = html.escape(state["ref"])
+    if shown and shown.get("ref"):
+        before = model_settings(shown["ref"], shown.get("task") or "causal_lm")["data.dataset_select"]
+        if current == before:
+            return settings, (f"Dataset: now {name(new)}, the starter dataset of {ref} (was {name(current)}, "
+                              f"the one of {html.escape(shown['ref'])}); pick another on the Data tab.")
+    reason = data_tab.task_mismatch(current, data_format, state["task"])
+    if reason is None:
+        return {k: v for k, v in settings.items() if k not in ("data.dataset_select", "data.data_format")}, ""
+    return settings, (f"Dataset: {name(current)} does not suit {ref} ({html.escape(reason, quote=False)}); switched to "
+                      f"{name(new)}, the starter dataset of {ref}.")
+
+
 def form_for(ref: str = model_tab.DEFAULT_MODEL, task: str | None = None, trust_remote_code: bool = False,
              **changes) -> dict[str, Any]:
     """The FORM values right after `ref` loads (ticked modules included), with `changes` by name
