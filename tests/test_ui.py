@@ -1063,3 +1063,22 @@ def test_load_keeps_the_users_dataset_when_it_suits_the_model_and_says_when_it_c
     assert "now <b>sentiment</b>, the starter dataset of minilm-l6 (was <b>instructions</b>" in out["model.message"]
     # a typed path that does not load stays for the Data tab to explain
     assert "data.dataset_select" not in _pick("tiny-llama", str(tmp_path / "typo.jsonl"))
+
+
+def test_an_upload_again_is_the_file_kept_before_and_every_upload_is_listed(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rows = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3))
+    (src / "notes.jsonl").write_text(rows)
+    runs = tmp_path / "runs"
+    first = data_tab.save_upload(str(src / "notes.jsonl"), runs)
+    view = data_tab.upload_view(str(src / "notes.jsonl"), runs)
+    assert view["data.dataset_select"]["value"] == first
+    (src / "copy.jsonl").write_text(rows)  # the same content under another name
+    assert data_tab.save_upload(str(src / "copy.jsonl"), runs) == first
+    (src / "notes.jsonl").write_text(rows + json.dumps({"text": "one more"}) + "\n")  # new content, same name
+    second = data_tab.save_upload(str(src / "notes.jsonl"), runs)
+    assert second.endswith("notes-2.jsonl")
+    assert sorted(p.name for p in (runs / "uploads").iterdir()) == ["notes-2.jsonl", "notes.jsonl"]
+    listed = [value for _, value in data_tab.dataset_choices(runs)]
+    assert first in listed and second in listed and data_tab.default_dataset("causal_lm") in listed

@@ -102,7 +102,8 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
         _wire_evaluate(ui, root)
         _wire_analysis(ui, root)
         load = ui.on(demo.load, _on_page_load(root), ["model.state"],
-                     ["model.module_tree", "model.target_types", "model.summary", "model.state", "train.live"],
+                     ["model.module_tree", "model.target_types", "model.summary", "model.state", "train.live",
+                      "data.dataset_select"],
                      api_name="page_load", **LIGHT)
         load = ui.on(load.then, model_tab.recount, COUNT_IN, COUNT_OUT, **LIGHT)
         load = ui.on(load.then, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT)
@@ -124,8 +125,10 @@ LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.s
 def _on_page_load(root: Path):
     def page_load(v):
         state = v["model.state"] or {}
+        # The list as the runs folder has it now: uploads made since the server started included.
         return {**model_tab.load_view(state.get("ref"), state.get("task"), bool(state.get("trust_remote_code"))),
-                "train.live": train_tab.attach(root)}
+                "train.live": train_tab.attach(root),
+                "data.dataset_select": gr.update(choices=data_tab.dataset_choices(root))}
     return page_load
 
 
@@ -204,11 +207,7 @@ def _wire_data(ui: Registry, root: Path):
     for name in ("data.data_format", "data.max_length", "data.packing", "data.train_on_prompt", "data.eval_fraction"):
         _gate(ui, root, ui[name].change)
 
-    def uploaded(v):
-        path = data_tab.save_upload(v["data.dataset_upload"], root)
-        return {"data.dataset_select": gr.update(choices=data_tab.dataset_choices(root), value=path)}
-
-    ui.on(ui["data.dataset_upload"].upload, uploaded, ["data.dataset_upload"], ["data.dataset_select"],
+    ui.on(ui["data.dataset_upload"].upload, lambda v: data_tab.upload_view(v["data.dataset_upload"], root), ["data.dataset_upload"], ["data.dataset_select"],
           api_name="upload_dataset", **LIGHT)
 
 
