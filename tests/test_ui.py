@@ -1082,3 +1082,18 @@ def test_an_upload_again_is_the_file_kept_before_and_every_upload_is_listed(tmp_
     assert sorted(p.name for p in (runs / "uploads").iterdir()) == ["notes-2.jsonl", "notes.jsonl"]
     listed = [value for _, value in data_tab.dataset_choices(runs)]
     assert first in listed and second in listed and data_tab.default_dataset("causal_lm") in listed
+
+
+def test_the_summary_and_the_count_agree_on_the_model_and_say_what_the_adapter_adds():
+    import re
+
+    _, _, summary, state = model_tab.load("tiny-llama")
+    tree = model_tree("tiny-llama")
+    keys = ["model.layers.0-3.self_attn.q_proj", "model.layers.0-3.self_attn.v_proj"]
+    html, _, _ = model_tab.count_view(model_tab.selection(defaults(keys, r=4)))
+    c = lora.count(tree, LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
+    assert f"({tree.total_params:,}) without an adapter" in summary
+    total = int(re.search(r"data-total='(\d+)'", html).group(1))
+    base = int(re.search(r"data-base='(\d+)'", html).group(1))
+    assert base == tree.total_params and total == c.total == base + c.trainable
+    assert f"total = the model's <span data-base='{base}'>{base:,}</span> + the adapter's {c.trainable:,}" in html

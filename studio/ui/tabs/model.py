@@ -184,7 +184,8 @@ def note_html(text: str) -> str:
 
 def summary_markdown(ref: str, src, tree: ModelTree, trust_remote_code: bool = False) -> str:
     s = models.summary(ref, trust_remote_code)
-    bits = [f"**{html.escape(tree.cls)}**", f"{human(tree.total_params)} parameters ({tree.total_params:,})",
+    bits = [f"**{html.escape(tree.cls)}**", f"{human(tree.total_params)} parameters ({tree.total_params:,}) "
+            "without an adapter",
             f"task `{tree.task}`"]
     if s.get("num_hidden_layers"):
         bits.append(f"{s['num_hidden_layers']} layers, hidden {s.get('hidden_size')}")
@@ -324,8 +325,11 @@ def _count_html(c, sel: Selection, error: str | None) -> str:
         return (f"<div class='pc pc-err'><b>No count:</b> {html.escape(error or '')}</div>")
     return (
         f"<div class='pc'><div class='pc-big'><span class='pc-trainable' data-trainable='{c.trainable}'>"
-        f"{c.trainable:,}</span> trainable of {c.total:,} parameters "
-        f"(<b>{c.trainable_percent:.4f}%</b>)</div>"
+        f"{c.trainable:,}</span> trainable of <span class='pc-total' data-total='{c.total}'>{c.total:,}</span> "
+        f"parameters (<b>{c.trainable_percent:.4f}%</b>)</div>"
+        # the total is PEFT's: the model's own (the summary's figure) and what the adapter adds to it
+        f"<div class='pc-parts'>total = the model's <span data-base='{c.base_params}'>{c.base_params:,}</span>"
+        f" + the adapter's {c.total - c.base_params:,}</div>"
         f"<div>adapter: {c.adapter_mb['float32']:,.2f} MB float32 · {c.adapter_mb['bfloat16']:,.2f} MB bfloat16"
         f" · scaling {'α/√r' if sel.settings.use_rslora else 'α/r'} = {scaling:g}"
         f" · {len(c.matched_modules)} modules adapted</div>"
