@@ -1097,3 +1097,34 @@ def test_the_summary_and_the_count_agree_on_the_model_and_say_what_the_adapter_a
     base = int(re.search(r"data-base='(\d+)'", html).group(1))
     assert base == tree.total_params and total == c.total == base + c.trainable
     assert f"total = the model's <span data-base='{base}'>{base:,}</span> + the adapter's {c.trainable:,}" in html
+
+
+def test_export_and_analysis_say_what_to_do_first_and_preselect_the_newest_completed_run(eval_root, tmp_path):
+    import shutil
+
+    from studio.ui.tabs import analysis as analysis_tab
+    from studio.ui.tabs import export as export_tab
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = export_tab.refresh_view(empty, None)
+    assert out["export.empty"]["visible"] is True and out["export.run"]["choices"] == []
+    assert "Train one first" in export_tab.EMPTY and "Start on the Train tab" in export_tab.EMPTY
+    out = analysis_tab.refresh_view(empty, None, None)
+    assert out["analysis.empty"]["visible"] is True and out["analysis.run_a"]["value"] is None
+    # a completed run, and a newer one stopped early (the status a stop leaves, on a copy of the run)
+    root = tmp_path / "runs"
+    shutil.copytree(eval_root / "chat-run", root / "chat-run")
+    shutil.copytree(eval_root / "chat-run", root / "stopped-run")
+    for run, changes in (("chat-run", {"created_at": 1000.0}),
+                         ("stopped-run", {"created_at": 2000.0, "state": "stopped", "step": 1})):
+        status = json.loads((root / run / "status.json").read_text())
+        (root / run / "status.json").write_text(json.dumps({**status, **changes}))
+    assert runs_tab.run_ids(root) == ["stopped-run", "chat-run"]
+    out = export_tab.refresh_view(root, None)
+    assert out["export.empty"]["visible"] is False
+    assert out["export.run"]["choices"] == ["stopped-run", "chat-run"] and out["export.run"]["value"] == "chat-run"
+    assert export_tab.refresh_view(root, "stopped-run")["export.run"]["value"] == "stopped-run"  # the user's pick
+    out = analysis_tab.refresh_view(root, None, "stopped-run")
+    assert (out["analysis.run_a"]["value"], out["analysis.run_b"]["value"]) == ("chat-run", "stopped-run")
+    assert out["analysis.empty"]["visible"] is False

@@ -270,11 +270,8 @@ def _wire_runs(ui: Registry, root: Path):
 # --- export --------------------------------------------------------------------------------
 
 def _wire_export(ui: Registry, root: Path):
-    def refresh(v):
-        ids, current = export_tab.exportable(root), v["export.run"]
-        return {"export.run": gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))}
-
-    ui.on(ui["export.tab"].select, refresh, ["export.run"], ["export.run"], **LIGHT)
+    ui.on(ui["export.tab"].select, lambda v: export_tab.refresh_view(root, v["export.run"]), ["export.run"],
+          ["export.run", "export.empty"], **LIGHT)
     merged_out = ["export.download_merged", "export.merged_files"]
 
     def prepare_adapter(v):
@@ -390,14 +387,9 @@ def _wire_evaluate(ui: Registry, root: Path):
 # --- analysis ------------------------------------------------------------------------------
 
 def _wire_analysis(ui: Registry, root: Path):
-    def refresh(v):
-        ids = export_tab.exportable(root)
-        pick = lambda cur: cur if cur in ids else (ids[0] if ids else None)
-        return {"analysis.run_a": gr.update(choices=ids, value=pick(v["analysis.run_a"])),
-                "analysis.run_b": gr.update(choices=ids, value=pick(v["analysis.run_b"]))}
-
     runs_ab = ["analysis.run_a", "analysis.run_b"]
-    ui.on(ui["analysis.tab"].select, refresh, runs_ab, runs_ab, **LIGHT)
+    ui.on(ui["analysis.tab"].select, lambda v: analysis_tab.refresh_view(root, v["analysis.run_a"], v["analysis.run_b"]),
+          runs_ab, runs_ab + ["analysis.empty"], **LIGHT)
     ui.on(ui["analysis.run_a"].change,
           lambda v: {"analysis.module": gr.update(choices=analysis_tab.modules(root, v["analysis.run_a"]), value=None)},
           ["analysis.run_a"], ["analysis.module"], **LIGHT)
