@@ -1128,3 +1128,32 @@ def test_export_and_analysis_say_what_to_do_first_and_preselect_the_newest_compl
     out = analysis_tab.refresh_view(root, None, "stopped-run")
     assert (out["analysis.run_a"]["value"], out["analysis.run_b"]["value"]) == ("chat-run", "stopped-run")
     assert out["analysis.empty"]["visible"] is False
+
+
+def test_a_completed_run_offers_its_next_steps_each_opening_a_tab_with_the_run_selected(eval_root):
+    from studio.ui import app
+    from studio.ui.tabs import export as export_tab
+    from studio.ui.tabs import next_steps
+
+    done, running = {"run": "chat-run", "active": False}, {"run": "chat-run", "active": True}
+    shown = next_steps.view(eval_root, {"train.live": done, "train.seen": running})
+    assert shown["train.next"]["visible"] is True and shown["train.seen"] == done
+    assert "✔ <b>chat-run</b> completed (3 steps, final loss" in shown["train.next_note"]
+    # while it trains, for a run without an adapter, or with no run: nothing to offer
+    for live_value in (running, {"run": "no-adapter", "active": False}, {"run": None, "active": False}, None):
+        assert next_steps.view(eval_root, {"train.live": live_value, "train.seen": {}})["train.next"] == {
+            "__type__": "update", "visible": False}
+    merge = next_steps.go(eval_root, "merge", {"train.live": done})
+    assert merge["app.tabs"].selected == "tab-export" and merge["export.run"]["value"] == "chat-run"
+    assert merge["export.format"] == export_tab.MERGED and merge["export.empty"]["visible"] is False
+    assert next_steps.go(eval_root, "export", {"train.live": done})["export.format"] == export_tab.GGUF
+    for action, tab in (("evaluate", "tab-evaluate"), ("playground", "tab-playground")):
+        out = next_steps.go(eval_root, action, {"train.live": done})
+        assert out["app.tabs"].selected == tab and out[f"{action}.run"]["value"] == "chat-run"
+        assert "chat-run" in out[f"{action}.run"]["choices"]
+    with pytest.raises(gr.Error, match="no-adapter has no final adapter yet"):
+        next_steps.go(eval_root, "merge", {"train.live": {"run": "no-adapter", "active": False}})
+    # every button is wired to outputs that exist, with the ids the README lists
+    demo = app.build_app(eval_root, "tiny-llama")
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"run-next", "run-next-note", "next-evaluate", "next-playground", "next-merge", "next-export"} <= ids

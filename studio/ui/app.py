@@ -28,6 +28,7 @@ from studio.ui.tabs import data as data_tab
 from studio.ui.tabs import evaluate as evaluate_tab
 from studio.ui.tabs import export as export_tab
 from studio.ui.tabs import model as model_tab
+from studio.ui.tabs import next_steps
 from studio.ui.tabs import playground as playground_tab
 from studio.ui.tabs import runs as runs_tab
 from studio.ui.tabs import train as train_tab
@@ -49,6 +50,7 @@ CSS = """
 .mr th { text-align: left; padding-right: 12px; white-space: nowrap; }
 #start-reason { color: #b45309; }
 .model-note { color: #1e40af; }
+.next-note { padding: 8px 10px; background: #dcfce7; border-radius: 6px; }
 .tk-seq { margin: 8px 0; padding: 6px 8px; border: 1px solid var(--border-color-primary); border-radius: 6px; }
 .tk-head, .tk-note { font-size: 12px; color: var(--body-text-color-subdued); }
 .tk-body { font-family: var(--font-mono); font-size: 12px; white-space: pre-wrap; word-break: break-all; line-height: 1.7; }
@@ -77,7 +79,7 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
     with gr.Blocks(title="LoRA Studio", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown("## LoRA Studio\nPick a model, tick the modules that get LoRA adapters, train in the "
                     "background, merge and download. Everything here is also a `studio` command.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Model", id="tab-model"):
                 model_tab.build(ui, ref, note)
             with gr.Tab("Data", id="tab-data"):
@@ -92,9 +94,11 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
                                       ("analysis", "Analysis", analysis_tab.build)):
                 with gr.Tab(label, id=f"tab-{tab}") as el:
                     ui.add(tab, tab=el, **vars(build(root)))
+        ui.add("app", tabs=tabs)
         _wire_model(ui, root)
         _wire_data(ui, root)
         _wire_train(ui, root)
+        _wire_next_steps(ui, root)
         _wire_runs(ui, root)
         _wire_export(ui, root)
         _wire_playground(ui, root)
@@ -226,6 +230,15 @@ def _wire_train(ui: Registry, root: Path):
     # follows does, or stops being active, and that re-gates Start.
     for name in ("train.live",) + train_tab.TRAIN_FORM:
         _gate(ui, root, ui[name].change)
+
+
+def _wire_next_steps(ui: Registry, root: Path):
+    """A completed run's note and its buttons, each opening a tab with the run selected (studio/ui/tabs/next_steps.py)."""
+    ui.on(ui["train.live"].change, functools.partial(next_steps.view, root), ["train.live", "train.seen"],
+          ["train.next", "train.next_note", "train.seen"], **LIGHT)
+    for action in next_steps.ACTIONS:
+        ui.on(ui[f"train.next_{action}"].click, functools.partial(next_steps.go, root, action), ["train.live"],
+              next_steps.OUTPUTS[action], **LIGHT)
 
 
 def _gate(ui: Registry, root: Path, event):

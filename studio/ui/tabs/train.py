@@ -34,6 +34,7 @@ from studio.ui import live
 from studio.ui.registry import Registry
 from studio.ui.tabs import data as data_tab
 from studio.ui.tabs import model as model_tab
+from studio.ui.tabs import next_steps
 
 TRAIN_HELP = field_help(TrainConfig)
 FINAL = set(runs.FINAL_STATES)
@@ -264,6 +265,7 @@ def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
         c["train_start"] = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
         c["train_stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
         c["start_reason"] = gr.HTML(elem_id="start-reason")
+    next_steps.build(ui)  # once the followed run completed: what to do with it
     c["live"] = live.LiveRun(elem_id="run-live")  # run-status, run-progress and loss-plot, polled by the page
     with gr.Row():  # a completed run, trained further as a new run that records it as its parent
         c["continue_steps"] = gr.Number(50, precision=0, minimum=1, label="more steps", elem_id="continue-steps",
