@@ -1157,3 +1157,25 @@ def test_a_completed_run_offers_its_next_steps_each_opening_a_tab_with_the_run_s
     demo = app.build_app(eval_root, "tiny-llama")
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"run-next", "run-next-note", "next-evaluate", "next-playground", "next-merge", "next-export"} <= ids
+
+
+def test_the_form_filled_from_a_run_is_that_runs_config(eval_root):
+    from studio.config import load_config
+    from studio.ui import app
+
+    cfg = load_config(eval_root / "chat-run" / "config.yaml")
+    form = train_tab.run_form(eval_root, "chat-run")
+    assert set(form) <= set(app.FILL_OUT)
+    assert form["model.model_select"] == "tiny-llama" and form["model.state"]["ref"] == "tiny-llama"
+    assert (form["train.max_steps"], form["train.per_device_train_batch_size"], form["train.seed"]) == (3, 4, 3)
+    assert form["data.dataset_select"] == str(eval_root / "chat.jsonl") and form["data.packing"] is False
+    assert "chat-run" in form["train.form_note"]
+    values = {name: form[name] if name != "model.module_tree" else form[name]["value"] for name in train_tab.FORM}
+    again = train_tab.build_config(values)
+    # what Start would run from the filled form is the run's own config (all-linear ticked as all-linear)
+    assert again.lora == cfg.lora and again.train == cfg.train and again.data == cfg.data
+    assert again.model == cfg.model
+    with pytest.raises(gr.Error, match="no run 'nope'"):
+        train_tab.run_form(eval_root, "nope")
+    with pytest.raises(gr.Error, match="no run None"):
+        train_tab.run_form(eval_root, None)

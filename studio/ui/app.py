@@ -9,6 +9,7 @@ and merging share one slot, so two clicks never start two heavy jobs.
 from __future__ import annotations
 
 import functools
+import html
 import os
 import sys
 from pathlib import Path
@@ -105,9 +106,7 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
         _wire_adapters(ui, root)
         _wire_evaluate(ui, root)
         _wire_analysis(ui, root)
-        load = ui.on(demo.load, _on_page_load(root), ["model.state"],
-                     ["model.module_tree", "model.target_types", "model.summary", "model.state", "train.live",
-                      "data.dataset_select"],
+        load = ui.on(demo.load, _on_page_load(root), ["model.state"], FILL_OUT + ("train.live",),
                      api_name="page_load", **LIGHT)
         load = ui.on(load.then, model_tab.recount, COUNT_IN, COUNT_OUT, **LIGHT)
         load = ui.on(load.then, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT)
@@ -122,6 +121,8 @@ PREVIEW_IN = ("data.dataset_select", "data.data_format", "data.max_length", "dat
 PREVIEW_OUT = ("data.dataset_preview", "data.data_info", "data.dataset_tokens")
 LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.state", "model.message",
             "model.model_select")
+# What filling the form from a run sets (train_tab.run_form).
+FILL_OUT = LOAD_OUT + train_tab.SETTINGS_FORM + ("model.trust_remote_code", "train.form_note")
 
 
 # --- model ---------------------------------------------------------------------------------
@@ -129,10 +130,18 @@ LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.s
 def _on_page_load(root: Path):
     def page_load(v):
         state = v["model.state"] or {}
+        followed = train_tab.attach(root)
         # The list as the runs folder has it now: uploads made since the server started included.
-        return {**model_tab.load_view(state.get("ref"), state.get("task"), bool(state.get("trust_remote_code"))),
-                "train.live": train_tab.attach(root),
-                "data.dataset_select": gr.update(choices=data_tab.dataset_choices(root))}
+        out = {**model_tab.load_view(state.get("ref"), state.get("task"), bool(state.get("trust_remote_code"))),
+               "train.live": followed, "data.dataset_select": gr.update(choices=data_tab.dataset_choices(root))}
+        if followed["active"]:  # a reload while a run trains: the form beside it is that run's
+            try:
+                form = train_tab.run_form(root, followed["run"])
+            except gr.Error as e:
+                return {**out, "train.form_note": f"⚠ {html.escape(e.message)}"}
+            out.update(form, **{"data.dataset_select": gr.update(choices=out["data.dataset_select"]["choices"],
+                                                                 value=form["data.dataset_select"])})
+        return out
     return page_load
 
 
@@ -226,6 +235,18 @@ def _wire_train(ui: Registry, root: Path):
     ui.on(ui["train.train_continue"].click, functools.partial(train_tab.continue_run, root),
           ["train.live", "train.continue_steps"], ["train.live", "train.continue_message"],
           api_name="continue_training", **HEAVY)
+
+    def fill(v):
+        form = train_tab.run_form(root, (v["train.live"] or {}).get("run"))
+        return {**form, "data.picked": {k: form[k] for k in PREVIEW_IN if k in form}}
+
+    filled = ui.on(ui["train.from_run"].click, fill, ["train.live"], FILL_OUT + ("data.picked",),
+                   api_name="fill_from_run", **LIGHT)
+    _recount_on(ui, root, filled.then)
+    ui.on(filled.then, preview_after_pick, PREVIEW_IN + ("data.picked",), PREVIEW_OUT, **LIGHT)
+    ui.on(ui["train.live"].change,
+          lambda v: {"train.from_run": gr.update(interactive=bool((v["train.live"] or {}).get("run")))},
+          ["train.live"], ["train.from_run"], **LIGHT)
     # The live view polls its own route (studio/ui/live.py); its value changes when the run it
     # follows does, or stops being active, and that re-gates Start.
     for name in ("train.live",) + train_tab.TRAIN_FORM:

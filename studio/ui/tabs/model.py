@@ -132,8 +132,10 @@ class Loaded(NamedTuple):
     state: dict  # {"ref", "task", "explore_only", "trust_remote_code"}
 
 
-def load(ref: str, task: str | None = None, trust_remote_code: bool = False) -> Loaded:
-    """Build the tree of `ref` (meta device) and the default selection; refusals raise gr.Error."""
+def load(ref: str, task: str | None = None, trust_remote_code: bool = False,
+         ticked: LoraSettings | None = None) -> Loaded:
+    """Build the tree of `ref` (meta device) and the default selection (or the modules `ticked`
+    targets: a run's own); refusals raise gr.Error."""
     ref = (ref or "").strip() or DEFAULT_MODEL
     trust_remote_code = bool(trust_remote_code)
     try:
@@ -146,7 +148,7 @@ def load(ref: str, task: str | None = None, trust_remote_code: bool = False) -> 
             msg += ". Here: the trust_remote_code box under Load, then Load again."
         raise gr.Error(msg, print_exception=False) from None
     index = leaf_index(tree)
-    wanted = default_targets(tree)
+    wanted = default_targets(tree) if ticked is None else targeted(tree, ticked)
     keys = [k for k, paths in index.items() if wanted & set(paths)]
     types = tree.targetable_types()
     chosen_types = types_from_keys(tree, keys)
@@ -156,9 +158,18 @@ def load(ref: str, task: str | None = None, trust_remote_code: bool = False) -> 
                   gr.update(choices=types + [ALL_LINEAR_CHOICE], value=chosen_types), summary, state)
 
 
-def load_view(ref: str, task: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+def targeted(tree: ModelTree, settings: LoraSettings) -> set[str]:
+    """The module paths `settings` adapts (none when its targets match nothing here)."""
+    try:
+        return set(lora.resolve_targets(tree, settings).matched)
+    except StudioError:
+        return set()
+
+
+def load_view(ref: str, task: str | None = None, trust_remote_code: bool = False,
+              ticked: LoraSettings | None = None) -> dict[str, Any]:
     """`load` as updates of the Model tab, by name."""
-    out = load(ref, task, trust_remote_code)
+    out = load(ref, task, trust_remote_code, ticked)
     return {"model.module_tree": out.tree, "model.target_types": out.types, "model.summary": out.summary,
             "model.state": out.state}
 

@@ -124,6 +124,27 @@ def form_for(ref: str = model_tab.DEFAULT_MODEL, task: str | None = None, trust_
     return values
 
 
+def run_form(runs_dir: Path, run: str | None) -> dict[str, Any]:
+    """The form filled from the config.yaml of `run` (the one the live view follows): its model
+    with the modules it adapts ticked, its LoRA, data and train settings, and a note saying so.
+    Refusals (no such run, a config or model that no longer loads) raise gr.Error."""
+    from studio.config import load_config
+
+    path = runs_dir / str(run) / runs.CONFIG
+    if not run or not runs.is_run_id(run) or not path.is_file():
+        raise gr.Error(f"no run {run!r} in {runs_dir} to take the settings from", print_exception=False)
+    try:
+        cfg = load_config(path)
+    except StudioError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    m = cfg.model
+    loaded = model_tab.load_view(m.name_or_path, m.task, m.trust_remote_code, ticked=cfg.lora)
+    return {**loaded, **model_tab.lora_values(cfg.lora), **data_tab.data_values(cfg.data), **train_values(cfg.train),
+            "model.model_select": m.name_or_path, "model.task": m.task, "model.trust_remote_code": m.trust_remote_code,
+            "model.message": "", "data.dataset_select": data_tab.dataset_value(cfg.data.path),
+            "train.form_note": f"The form shows the settings of <b>{html.escape(run)}</b> (its {runs.CONFIG})."}
+
+
 def build_config(v: Mapping[str, Any]) -> RunConfig:
     """The FORM values, by name -> a validated RunConfig (raises ConfigError naming the field).
 
@@ -265,6 +286,10 @@ def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
         c["train_start"] = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
         c["train_stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
         c["start_reason"] = gr.HTML(elem_id="start-reason")
+    with gr.Row():
+        c["from_run"] = gr.Button("Fill the form from this run", elem_id="train-from-run", size="sm", scale=0,
+                                  interactive=False)
+        c["form_note"] = gr.HTML(elem_id="train-form-note")
     next_steps.build(ui)  # once the followed run completed: what to do with it
     c["live"] = live.LiveRun(elem_id="run-live")  # run-status, run-progress and loss-plot, polled by the page
     with gr.Row():  # a completed run, trained further as a new run that records it as its parent
