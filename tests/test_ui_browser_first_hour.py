@@ -95,8 +95,12 @@ def test_an_upload_survives_a_reload_is_kept_once_and_a_typed_path_stays(server,
     wait_until(lambda: "12 examples" in _info(page), timeout=60)
 
 
-def _set_number(page, label, value):
-    box = page.get_by_label(label, exact=True)
+def _number(page, elem_id):
+    return page.locator(f"#{elem_id} input")
+
+
+def _set_number(page, elem_id, value):
+    box = _number(page, elem_id)
     box.fill(str(value))
     box.press("Tab")
 
@@ -107,7 +111,7 @@ def test_a_completed_run_offers_next_steps_a_reload_mid_run_fills_the_form_and_e
     _open(page, url)
     # a short run, completed while the page watches: the note and its buttons
     _tab(page, "Train")
-    _set_number(page, "max_steps", 12)
+    _set_number(page, "train-max-steps", 12)
     wait_until(lambda: page.locator("#train-start").is_enabled(), timeout=60)
     page.locator("#train-start").click()
     note = page.locator("#run-next-note .next-note")
@@ -124,15 +128,15 @@ def test_a_completed_run_offers_next_steps_a_reload_mid_run_fills_the_form_and_e
 
     # a long run with settings of its own; the page reloaded while it trains shows them in the form
     _tab(page, "Train")
-    _set_number(page, "max_steps", 3000)
-    _set_number(page, "seed", 7)
+    _set_number(page, "train-max-steps", 3000)
+    _set_number(page, "train-seed", 7)
     page.locator("#train-start").click()
     wait_until(lambda: points(page) >= 2 and "running" in page.locator("#run-status").inner_text(), timeout=300)
     page.reload()
     page.wait_for_selector("#module-tree input[data-leaf]")
     _tab(page, "Train")
-    wait_until(lambda: page.get_by_label("max_steps", exact=True).input_value() == "3000", timeout=60)
-    assert page.get_by_label("seed", exact=True).input_value() == "7"
+    wait_until(lambda: _number(page, "train-max-steps").input_value() == "3000", timeout=60)
+    assert _number(page, "train-seed").input_value() == "7"
     long_run = page.locator("#train-form-note b").inner_text()
     assert long_run != done and (runs / long_run / "config.yaml").is_file()
     assert page.locator("#train-from-run").is_enabled()

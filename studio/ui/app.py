@@ -220,8 +220,8 @@ def _wire_data(ui: Registry, root: Path):
     for name in ("data.data_format", "data.max_length", "data.packing", "data.train_on_prompt", "data.eval_fraction"):
         _gate(ui, root, ui[name].change)
 
-    ui.on(ui["data.dataset_upload"].upload, lambda v: data_tab.upload_view(v["data.dataset_upload"], root), ["data.dataset_upload"], ["data.dataset_select"],
-          api_name="upload_dataset", **LIGHT)
+    ui.on(ui["data.dataset_upload"].upload, lambda v: data_tab.upload_view(v["data.dataset_upload"], root),
+          ["data.dataset_upload"], ["data.dataset_select"], api_name="upload_dataset", **LIGHT)
 
 
 # --- train ---------------------------------------------------------------------------------

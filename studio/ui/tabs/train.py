@@ -265,7 +265,8 @@ def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
     c = {}
     with gr.Row():
         c["learning_rate"] = gr.Number(t.learning_rate, label="learning_rate", info=help_["learning_rate"])
-        c["max_steps"] = gr.Number(t.max_steps, precision=0, label="max_steps", info=help_["max_steps"])
+        c["max_steps"] = gr.Number(t.max_steps, precision=0, label="max_steps", info=help_["max_steps"],
+                                   elem_id="train-max-steps")
         c["num_train_epochs"] = gr.Number(t.num_train_epochs, label="num_train_epochs",
                                           info=help_["num_train_epochs"])
         c["per_device_train_batch_size"] = gr.Slider(1, 128, value=t.per_device_train_batch_size, step=1,
@@ -281,7 +282,7 @@ def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
                                       info=help_["warmup_ratio"])
         c["eval_steps"] = gr.Number(t.eval_steps, precision=0, label="eval_steps", info=help_["eval_steps"])
         c["save_steps"] = gr.Number(t.save_steps, precision=0, label="save_steps", info=help_["save_steps"])
-        c["seed"] = gr.Number(t.seed, precision=0, label="seed", info=help_["seed"])
+        c["seed"] = gr.Number(t.seed, precision=0, label="seed", info=help_["seed"], elem_id="train-seed")
     with gr.Row():
         c["train_start"] = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
         c["train_stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
