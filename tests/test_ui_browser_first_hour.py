@@ -14,7 +14,10 @@ pytestmark = pytest.mark.browser
 
 
 def _open(page, url):
-    page.goto(url)
+    try:
+        page.goto(url)
+    except Exception:  # a navigation the page's own last requests cut short (net::ERR_ABORTED): once more
+        page.goto(url)
     page.wait_for_selector("#module-tree input[data-leaf]")
     wait_until(lambda: page.locator("#param-count .pc-trainable").count(), timeout=60)
 
@@ -42,7 +45,7 @@ def test_a_bad_model_path_is_one_message_next_to_load_and_the_tree_stays_with_th
         message = page.locator("#model-message").inner_text()
         assert ref in message and "Still showing tiny-llama" in message
         # the box, the tree and the summary describe one model, the one shown, with no error badges
-        wait_until(lambda: box.input_value() == "tiny-llama", timeout=30)
+        wait_until(lambda: box.input_value().split()[0] == "tiny-llama", timeout=30)  # its label: "tiny-llama  ·  built-in"
         assert page.locator("#model-summary").inner_text() == summary
         assert page.locator("#module-tree input[data-key='lm_head']").count() == 1
         assert page.get_by_text("Error", exact=True).count() == 0
@@ -115,13 +118,17 @@ def test_a_completed_run_offers_next_steps_a_reload_mid_run_fills_the_form_and_e
     wait_until(lambda: page.locator("#train-start").is_enabled(), timeout=60)
     page.locator("#train-start").click()
     note = page.locator("#run-next-note .next-note")
-    wait_until(lambda: note.count() and "completed" in note.inner_text(), timeout=300)
+    try:  # a loaded machine: the run's start-up alone can take minutes
+        wait_until(lambda: note.count() and "completed" in note.inner_text(), timeout=600)
+    except AssertionError:
+        raise AssertionError(f"no note; run status: {page.locator('#run-status').inner_text()}") from None
     done = note.get_attribute("data-run")
     assert "completed" in page.locator("#run-status").inner_text() and done in page.locator("#run-status").inner_text()
     shot(page, "first-hour-next-steps")
     page.locator("#next-export").click()
     wait_until(lambda: page.locator("#export-run input").input_value() == done, timeout=60)
-    assert page.locator("#export-gguf").is_visible() and not page.locator("#export-empty").is_visible()
+    wait_until(lambda: page.locator("#export-gguf").is_visible(), timeout=30)  # the GGUF format, picked with it
+    assert not page.locator("#export-empty").is_visible()
     _tab(page, "Train")
     page.locator("#next-evaluate").click()
     wait_until(lambda: page.locator("#eval-run input").input_value() == done, timeout=60)
@@ -131,7 +138,7 @@ def test_a_completed_run_offers_next_steps_a_reload_mid_run_fills_the_form_and_e
     _set_number(page, "train-max-steps", 3000)
     _set_number(page, "train-seed", 7)
     page.locator("#train-start").click()
-    wait_until(lambda: points(page) >= 2 and "running" in page.locator("#run-status").inner_text(), timeout=300)
+    wait_until(lambda: points(page) >= 2 and "running" in page.locator("#run-status").inner_text(), timeout=600)
     page.reload()
     page.wait_for_selector("#module-tree input[data-leaf]")
     _tab(page, "Train")
@@ -142,7 +149,7 @@ def test_a_completed_run_offers_next_steps_a_reload_mid_run_fills_the_form_and_e
     assert page.locator("#train-from-run").is_enabled()
     shot(page, "first-hour-reload-mid-run")
     page.locator("#train-stop").click()
-    wait_until(lambda: "stopped" in page.locator("#run-status").inner_text(), timeout=180)
+    wait_until(lambda: "stopped" in page.locator("#run-status").inner_text(), timeout=300)
     wait_until(lambda: (runs / long_run / "adapter" / "adapter_config.json").is_file(), timeout=60)
 
     # the newest run is the stopped one; Export and Analysis preselect the newest completed one
