@@ -12,6 +12,7 @@ from studio.errors import StudioError
 from studio.models.tree import model_tree
 from studio.ui import live
 from studio.ui.tabs import data as data_tab
+from studio.ui.tabs import memory_panel
 from studio.ui.tabs import model as model_tab
 from studio.ui.tabs import runs as runs_tab
 from studio.ui.tabs import train as train_tab
@@ -376,8 +377,9 @@ def test_widgets_start_at_the_config_defaults_and_a_model_brings_its_starter_set
     from studio.ui import app
 
     # picking a model in the dropdown shows its starter settings, every one a registered output
-    mini = app.pick_model({"model.model_select": "minilm-l6", "model.trust_remote_code": False})
-    assert set(mini) == set(app.LOAD_OUT + train_tab.SETTINGS_FORM + ("data.picked",))
+    mini = app.pick_model({"model.model_select": "minilm-l6", "model.trust_remote_code": False, "model.state": LLAMA,
+                           "data.dataset_select": data_tab.default_dataset("causal_lm"), "data.data_format": "auto"})
+    assert set(mini) == set(app.LOAD_OUT + train_tab.SETTINGS_FORM + ("data.picked",)) - {"model.model_select"}
     assert mini["data.picked"]["data.dataset_select"] == mini["data.dataset_select"]
     assert mini["train.learning_rate"] == 1e-3 and mini["data.max_length"] == 128 and mini["model.task"] == "seq_cls"
     assert mini["data.dataset_select"] == data_tab.default_dataset("seq_cls")
@@ -611,7 +613,7 @@ def test_memory_estimate_fits_row_and_largest_batch_equal_the_engine(kw):
     tree = model_tree("llama-3.1-8b")
     s = LoraSettings(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
     c = lora.count(tree, s)
-    o = model_tab.memory_options(v)
+    o = memory_panel.memory_options(v)
     est = memory.estimate(tree, c, s, device="cuda", **o)
     need = est.total_bytes + memory.CUDA_CONTEXT_BYTES + memory.logits_grad_bytes(tree, o["batch"], o["seq"])
     assert f"data-bytes='{need}'" in out["model.memory_total"]
@@ -623,7 +625,7 @@ def test_memory_estimate_fits_row_and_largest_batch_equal_the_engine(kw):
     assert at(n + 1) > 24 * memory.GIB  # the largest
     # the stacked bar: weights / adapter+grads+optimizer / activations (+ the stated allowance), in GB
     fig = json.loads(out["model.memory_chart"].plot)
-    assert [t["name"] for t in fig["data"]] == [name for name, _ in model_tab.MEMORY_PARTS]
+    assert [t["name"] for t in fig["data"]] == [name for name, _ in memory_panel.MEMORY_PARTS]
     bars = [t["x"][0] * memory.GIB for t in fig["data"]]
     assert bars[:3] == pytest.approx([est.weights_bytes, est.trainable_bytes + est.gradients_bytes
                                       + est.optimizer_bytes, est.activations_bytes])
@@ -664,11 +666,11 @@ def test_memory_estimate_of_405b_keeps_up_with_the_sliders():
     keys = model_tab.load("llama-3.1-405b").tree["value"]
     sel = model_tab.selection(defaults(keys, state=state))
     sel.checked()  # the count's own cost is the count's test
-    model_tab.memory_view(sel, memory_values())
+    memory_panel.memory_view(sel, memory_values())
     times = []
     for i in range(5):
         t = time.process_time()
-        model_tab.memory_view(sel, memory_values(batch=1 + i, checkpointing=bool(i % 2)))
+        memory_panel.memory_view(sel, memory_values(batch=1 + i, checkpointing=bool(i % 2)))
         times.append(time.process_time() - t)
     assert min(times) < 0.020, times
 
@@ -1005,3 +1007,175 @@ def test_task_mismatch_messages_speak_of_what_to_do_not_of_methods(eval_root):
                    "measured for classifiers; compare its answers with Generate (studio generate), or score them on "
                    "held-out examples in the Evaluate tab (studio eval)")
     assert "eval_sample" not in msg and "stream" not in msg
+
+
+# --- the first hour: choices that survive a load, one message where the user looks --------------
+
+def _pick(ref, dataset, shown=LLAMA, fmt="auto"):
+    from studio.ui import app
+
+    return app.pick_model({"model.model_select": ref, "model.trust_remote_code": False, "model.state": shown,
+                           "data.dataset_select": dataset, "data.data_format": fmt})
+
+
+def test_a_model_that_cannot_load_leaves_the_tree_and_says_why_next_to_load(tmp_path):
+    from studio.ui import app
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 16)
+    for ref, needle in ((str(weights), f"{weights} is a file, not a model folder"),
+                        (str(tmp_path / "nope"), "does not exist"),
+                        ("no-such-model", "unknown model 'no-such-model'")):
+        out = _pick(ref, data_tab.default_dataset("causal_lm"))
+        # nothing that describes a model changes; the box goes back to the model the tree shows
+        assert set(out) == {"model.message", "model.model_select", "model.task", "data.picked"}, ref
+        assert out["model.model_select"] == "tiny-llama" and out["model.task"] == "causal_lm"
+        assert needle in out["model.message"] and "Still showing <b>tiny-llama</b>" in out["model.message"]
+        assert out["model.message"].count("⚠") == 1 and "class='bad'" in out["model.message"]
+    # another task for the box's bad value: the same, the task back on the shown one
+    out = app.pick_task({"model.model_select": str(weights), "model.trust_remote_code": False,
+                         "model.state": LLAMA, "model.task": "seq_cls"})
+    assert out["model.task"] == "causal_lm" and "is a file" in out["model.message"]
+    assert "model.module_tree" not in out
+    # a good load clears the message
+    assert _pick("tiny-llama", data_tab.default_dataset("causal_lm"))["model.message"] == ""
+
+
+def test_load_keeps_the_users_dataset_when_it_suits_the_model_and_says_when_it_changes(tmp_path):
+    instructions, sentiment = data_tab.default_dataset("causal_lm"), data_tab.default_dataset("seq_cls")
+    own = tmp_path / "mine.jsonl"
+    own.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(4)))
+    # reloading the same model keeps an upload or a typed path, and its format, without a word
+    out = _pick("tiny-llama", str(own), fmt="alpaca")
+    assert "data.dataset_select" not in out and "data.data_format" not in out and out["model.message"] == ""
+    assert "data.dataset_select" not in out["data.picked"]
+    # another causal LM keeps it too
+    assert "data.dataset_select" not in _pick("tiny-gpt2", str(own))
+    # a classifier cannot train on it: the starter dataset, and the note says why
+    out = _pick("minilm-l6", str(own))
+    assert out["data.dataset_select"] == sentiment == out["data.picked"]["data.dataset_select"]
+    assert "<b>mine.jsonl</b> does not suit minilm-l6" in out["model.message"]
+    assert "seq_cls needs text + label columns" in out["model.message"] and "switched to <b>sentiment</b>" in out[
+        "model.message"]
+    # the dataset the user never changed follows the new model's starter, and the note names both
+    out = _pick("minilm-l6", instructions)
+    assert out["data.dataset_select"] == sentiment
+    assert "now <b>sentiment</b>, the starter dataset of minilm-l6 (was <b>instructions</b>" in out["model.message"]
+    # a typed path that does not load stays for the Data tab to explain
+    assert "data.dataset_select" not in _pick("tiny-llama", str(tmp_path / "typo.jsonl"))
+
+
+def test_an_upload_again_is_the_file_kept_before_and_every_upload_is_listed(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rows = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3))
+    (src / "notes.jsonl").write_text(rows)
+    runs = tmp_path / "runs"
+    first = data_tab.save_upload(str(src / "notes.jsonl"), runs)
+    view = data_tab.upload_view(str(src / "notes.jsonl"), runs)
+    assert view["data.dataset_select"]["value"] == first
+    (src / "copy.jsonl").write_text(rows)  # the same content under another name
+    assert data_tab.save_upload(str(src / "copy.jsonl"), runs) == first
+    (src / "notes.jsonl").write_text(rows + json.dumps({"text": "one more"}) + "\n")  # new content, same name
+    second = data_tab.save_upload(str(src / "notes.jsonl"), runs)
+    assert second.endswith("notes-2.jsonl")
+    assert sorted(p.name for p in (runs / "uploads").iterdir()) == ["notes-2.jsonl", "notes.jsonl"]
+    listed = [value for _, value in data_tab.dataset_choices(runs)]
+    assert first in listed and second in listed and data_tab.default_dataset("causal_lm") in listed
+
+
+def test_the_summary_and_the_count_agree_on_the_model_and_say_what_the_adapter_adds():
+    import re
+
+    _, _, summary, state = model_tab.load("tiny-llama")
+    tree = model_tree("tiny-llama")
+    keys = ["model.layers.0-3.self_attn.q_proj", "model.layers.0-3.self_attn.v_proj"]
+    html, _, _ = model_tab.count_view(model_tab.selection(defaults(keys, r=4)))
+    c = lora.count(tree, LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
+    assert f"({tree.total_params:,}) without an adapter" in summary
+    total = int(re.search(r"data-total='(\d+)'", html).group(1))
+    base = int(re.search(r"data-base='(\d+)'", html).group(1))
+    assert base == tree.total_params and total == c.total == base + c.trainable
+    assert f"total = the model's <span data-base='{base}'>{base:,}</span> + the adapter's {c.trainable:,}" in html
+
+
+def test_export_and_analysis_say_what_to_do_first_and_preselect_the_newest_completed_run(eval_root, tmp_path):
+    import shutil
+
+    from studio.ui.tabs import analysis as analysis_tab
+    from studio.ui.tabs import export as export_tab
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = export_tab.refresh_view(empty, None)
+    assert out["export.empty"]["visible"] is True and out["export.run"]["choices"] == []
+    assert "Train one first" in export_tab.EMPTY and "Start on the Train tab" in export_tab.EMPTY
+    out = analysis_tab.refresh_view(empty, None, None)
+    assert out["analysis.empty"]["visible"] is True and out["analysis.run_a"]["value"] is None
+    # a completed run, and a newer one stopped early (the status a stop leaves, on a copy of the run)
+    root = tmp_path / "runs"
+    shutil.copytree(eval_root / "chat-run", root / "chat-run")
+    shutil.copytree(eval_root / "chat-run", root / "stopped-run")
+    for run, changes in (("chat-run", {"created_at": 1000.0}),
+                         ("stopped-run", {"created_at": 2000.0, "state": "stopped", "step": 1})):
+        status = json.loads((root / run / "status.json").read_text())
+        (root / run / "status.json").write_text(json.dumps({**status, **changes}))
+    assert runs_tab.run_ids(root) == ["stopped-run", "chat-run"]
+    out = export_tab.refresh_view(root, None)
+    assert out["export.empty"]["visible"] is False
+    assert out["export.run"]["choices"] == ["stopped-run", "chat-run"] and out["export.run"]["value"] == "chat-run"
+    assert export_tab.refresh_view(root, "stopped-run")["export.run"]["value"] == "stopped-run"  # the user's pick
+    out = analysis_tab.refresh_view(root, None, "stopped-run")
+    assert (out["analysis.run_a"]["value"], out["analysis.run_b"]["value"]) == ("chat-run", "stopped-run")
+    assert out["analysis.empty"]["visible"] is False
+
+
+def test_a_completed_run_offers_its_next_steps_each_opening_a_tab_with_the_run_selected(eval_root):
+    from studio.ui import app
+    from studio.ui.tabs import export as export_tab
+    from studio.ui.tabs import next_steps
+
+    done, running = {"run": "chat-run", "active": False}, {"run": "chat-run", "active": True}
+    shown = next_steps.view(eval_root, {"train.live": done, "train.seen": running})
+    assert shown["train.next"]["visible"] is True and shown["train.seen"] == done
+    assert "✔ <b>chat-run</b> completed (3 steps, final loss" in shown["train.next_note"]
+    # while it trains, for a run without an adapter, or with no run: nothing to offer
+    for live_value in (running, {"run": "no-adapter", "active": False}, {"run": None, "active": False}, None):
+        assert next_steps.view(eval_root, {"train.live": live_value, "train.seen": {}})["train.next"] == {
+            "__type__": "update", "visible": False}
+    merge = next_steps.go(eval_root, "merge", {"train.live": done})
+    assert merge["app.tabs"].selected == "tab-export" and merge["export.run"]["value"] == "chat-run"
+    assert merge["export.format"] == export_tab.MERGED and merge["export.empty"]["visible"] is False
+    assert next_steps.go(eval_root, "export", {"train.live": done})["export.format"] == export_tab.GGUF
+    for action, tab in (("evaluate", "tab-evaluate"), ("playground", "tab-playground")):
+        out = next_steps.go(eval_root, action, {"train.live": done})
+        assert out["app.tabs"].selected == tab and out[f"{action}.run"]["value"] == "chat-run"
+        assert "chat-run" in out[f"{action}.run"]["choices"]
+    with pytest.raises(gr.Error, match="no-adapter has no final adapter yet"):
+        next_steps.go(eval_root, "merge", {"train.live": {"run": "no-adapter", "active": False}})
+    # every button is wired to outputs that exist, with the ids the README lists
+    demo = app.build_app(eval_root, "tiny-llama")
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"run-next", "run-next-note", "next-evaluate", "next-playground", "next-merge", "next-export"} <= ids
+
+
+def test_the_form_filled_from_a_run_is_that_runs_config(eval_root):
+    from studio.config import load_config
+    from studio.ui import app
+
+    cfg = load_config(eval_root / "chat-run" / "config.yaml")
+    form = train_tab.run_form(eval_root, "chat-run")
+    assert set(form) <= set(app.FILL_OUT)
+    assert form["model.model_select"] == "tiny-llama" and form["model.state"]["ref"] == "tiny-llama"
+    assert (form["train.max_steps"], form["train.per_device_train_batch_size"], form["train.seed"]) == (3, 4, 3)
+    assert form["data.dataset_select"] == str(eval_root / "chat.jsonl") and form["data.packing"] is False
+    assert "chat-run" in form["train.form_note"]
+    values = {name: form[name] if name != "model.module_tree" else form[name]["value"] for name in train_tab.FORM}
+    again = train_tab.build_config(values)
+    # what Start would run from the filled form is the run's own config (all-linear ticked as all-linear)
+    assert again.lora == cfg.lora and again.train == cfg.train and again.data == cfg.data
+    assert again.model == cfg.model
+    with pytest.raises(gr.Error, match="no run 'nope'"):
+        train_tab.run_form(eval_root, "nope")
+    with pytest.raises(gr.Error, match="no run None"):
+        train_tab.run_form(eval_root, None)

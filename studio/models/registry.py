@@ -134,6 +134,9 @@ def resolve(ref: str) -> ModelSource:
         if not path.is_dir():
             if path.is_file() and path.name.endswith(".json"):
                 return ModelSource(ref, "config-only", path, True, _task_of(_read_json(path)), "config file only")
+            if path.is_file():
+                raise ModelRefError(f"{path} is a file, not a model folder: give the folder that holds its "
+                                    "config.json and *.safetensors, a config.json file alone, or a .gguf file")
             raise ModelRefError(f"model folder {path} does not exist")
         cfg = path / "config.json"
         if not cfg.is_file():

@@ -9,6 +9,7 @@ and merging share one slot, so two clicks never start two heavy jobs.
 from __future__ import annotations
 
 import functools
+import html
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from studio.ui.tabs import data as data_tab
 from studio.ui.tabs import evaluate as evaluate_tab
 from studio.ui.tabs import export as export_tab
 from studio.ui.tabs import model as model_tab
+from studio.ui.tabs import next_steps
 from studio.ui.tabs import playground as playground_tab
 from studio.ui.tabs import runs as runs_tab
 from studio.ui.tabs import train as train_tab
@@ -48,6 +50,8 @@ CSS = """
 .pbar-text { font-size: 12px; color: var(--body-text-color-subdued); }
 .mr th { text-align: left; padding-right: 12px; white-space: nowrap; }
 #start-reason { color: #b45309; }
+.model-note { color: #1e40af; }
+.next-note { padding: 8px 10px; background: #dcfce7; border-radius: 6px; }
 .tk-seq { margin: 8px 0; padding: 6px 8px; border: 1px solid var(--border-color-primary); border-radius: 6px; }
 .tk-head, .tk-note { font-size: 12px; color: var(--body-text-color-subdued); }
 .tk-body { font-family: var(--font-mono); font-size: 12px; white-space: pre-wrap; word-break: break-all; line-height: 1.7; }
@@ -76,7 +80,7 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
     with gr.Blocks(title="LoRA Studio", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown("## LoRA Studio\nPick a model, tick the modules that get LoRA adapters, train in the "
                     "background, merge and download. Everything here is also a `studio` command.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Model", id="tab-model"):
                 model_tab.build(ui, ref, note)
             with gr.Tab("Data", id="tab-data"):
@@ -91,17 +95,18 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
                                       ("analysis", "Analysis", analysis_tab.build)):
                 with gr.Tab(label, id=f"tab-{tab}") as el:
                     ui.add(tab, tab=el, **vars(build(root)))
+        ui.add("app", tabs=tabs)
         _wire_model(ui, root)
         _wire_data(ui, root)
         _wire_train(ui, root)
+        _wire_next_steps(ui, root)
         _wire_runs(ui, root)
         _wire_export(ui, root)
         _wire_playground(ui, root)
         _wire_adapters(ui, root)
         _wire_evaluate(ui, root)
         _wire_analysis(ui, root)
-        load = ui.on(demo.load, _on_page_load(root), ["model.state"],
-                     ["model.module_tree", "model.target_types", "model.summary", "model.state", "train.live"],
+        load = ui.on(demo.load, _on_page_load(root), ["model.state"], FILL_OUT + ("train.live",),
                      api_name="page_load", **LIGHT)
         load = ui.on(load.then, model_tab.recount, COUNT_IN, COUNT_OUT, **LIGHT)
         load = ui.on(load.then, data_tab.preview_view, PREVIEW_IN, PREVIEW_OUT, **LIGHT)
@@ -114,7 +119,10 @@ COUNT_OUT = ("model.param_count", "model.param_chart") + model_tab.MEMORY_OUT
 PREVIEW_IN = ("data.dataset_select", "data.data_format", "data.max_length", "data.packing", "data.train_on_prompt",
               "model.state")
 PREVIEW_OUT = ("data.dataset_preview", "data.data_info", "data.dataset_tokens")
-LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.state")
+LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.state", "model.message",
+            "model.model_select")
+# What filling the form from a run sets (train_tab.run_form).
+FILL_OUT = LOAD_OUT + train_tab.SETTINGS_FORM + ("model.trust_remote_code", "train.form_note")
 
 
 # --- model ---------------------------------------------------------------------------------
@@ -122,18 +130,34 @@ LOAD_OUT = ("model.module_tree", "model.target_types", "model.summary", "model.s
 def _on_page_load(root: Path):
     def page_load(v):
         state = v["model.state"] or {}
-        return {**model_tab.load_view(state.get("ref"), state.get("task"), bool(state.get("trust_remote_code"))),
-                "train.live": train_tab.attach(root)}
+        followed = train_tab.attach(root)
+        # The list as the runs folder has it now: uploads made since the server started included.
+        out = {**model_tab.load_view(state.get("ref"), state.get("task"), bool(state.get("trust_remote_code"))),
+               "train.live": followed, "data.dataset_select": gr.update(choices=data_tab.dataset_choices(root))}
+        if followed["active"]:  # a reload while a run trains: the form beside it is that run's
+            try:
+                form = train_tab.run_form(root, followed["run"])
+            except gr.Error as e:
+                return {**out, "train.form_note": f"⚠ {html.escape(e.message)}"}
+            out.update(form, **{"data.dataset_select": gr.update(choices=out["data.dataset_select"]["choices"],
+                                                                 value=form["data.dataset_select"])})
+        return out
     return page_load
 
 
 def pick_model(v) -> dict:
     """A model picked (or Load pressed): its tree and default ticks, and the form at its starter settings
-    (also kept in data.picked, for the preview that follows: see _wire_model)."""
-    out = model_tab.load_view(v["model.model_select"], None, v["model.trust_remote_code"])
+    (also kept in data.picked, for the preview that follows: see _wire_model); the user's dataset
+    stays when it suits the model (train_tab.settings_after_pick). A model that cannot load changes
+    nothing but the message next to Load (model_tab.load_or_refuse)."""
+    shown = v["model.state"]
+    out = model_tab.load_or_refuse(v["model.model_select"], None, v["model.trust_remote_code"], shown)
+    if "model.state" not in out:
+        return {**out, "data.picked": {}}
     state = out["model.state"]
-    settings = train_tab.model_settings(state["ref"], state["task"])
-    return {**out, **settings, "data.picked": {k: settings[k] for k in PREVIEW_IN if k in settings}}
+    settings, note = train_tab.settings_after_pick(shown, state, v["data.dataset_select"], v["data.data_format"])
+    return {**out, **settings, "model.message": model_tab.note_html(note),
+            "data.picked": {k: settings[k] for k in PREVIEW_IN if k in settings}}
 
 
 def preview_after_pick(v) -> dict:
@@ -143,11 +167,13 @@ def preview_after_pick(v) -> dict:
 
 def pick_task(v) -> dict:
     """Another task for the same model: its tree again (the head differs); the settings stay."""
-    return model_tab.load_view(v["model.model_select"], v["model.task"], v["model.trust_remote_code"])
+    return model_tab.load_or_refuse(v["model.model_select"], v["model.task"], v["model.trust_remote_code"],
+                                    v["model.state"])
 
 
 def _wire_model(ui: Registry, root: Path):
-    pick_in = ["model.model_select", "model.trust_remote_code"]
+    pick_in = ["model.model_select", "model.trust_remote_code", "model.state", "data.dataset_select",
+               "data.data_format"]
     for event, extra in ((ui["model.model_load"].click, dict(api_name="load_model")),
                          (ui["model.model_select"].select, {})):
         picked = ui.on(event, pick_model, pick_in, LOAD_OUT + train_tab.SETTINGS_FORM + ("data.picked",), **extra,
@@ -157,7 +183,8 @@ def _wire_model(ui: Registry, root: Path):
         # one, also when the dataset stays. The dataset settings come from the pick's own state: the
         # dropdowns' values a following event reads can still be the ones before the pick.
         ui.on(picked.then, preview_after_pick, PREVIEW_IN + ("data.picked",), PREVIEW_OUT, **LIGHT)
-    _recount_on(ui, root, ui.on(ui["model.task"].input, pick_task, pick_in + ["model.task"], LOAD_OUT, **LIGHT).then)
+    _recount_on(ui, root, ui.on(ui["model.task"].input, pick_task, pick_in + ["model.task"],
+                                LOAD_OUT + ("model.task",), **LIGHT).then)
     # Ticking it explains it; the model loads with it on the next Load (nothing runs on a tick).
     ui.on(ui["model.trust_remote_code"].change, model_tab.trust_changed, ["model.trust_remote_code"],
           ["model.trust_note"], **LIGHT)
@@ -193,12 +220,8 @@ def _wire_data(ui: Registry, root: Path):
     for name in ("data.data_format", "data.max_length", "data.packing", "data.train_on_prompt", "data.eval_fraction"):
         _gate(ui, root, ui[name].change)
 
-    def uploaded(v):
-        path = data_tab.save_upload(v["data.dataset_upload"], root)
-        return {"data.dataset_select": gr.update(choices=data_tab.dataset_choices(root), value=path)}
-
-    ui.on(ui["data.dataset_upload"].upload, uploaded, ["data.dataset_upload"], ["data.dataset_select"],
-          api_name="upload_dataset", **LIGHT)
+    ui.on(ui["data.dataset_upload"].upload, lambda v: data_tab.upload_view(v["data.dataset_upload"], root),
+          ["data.dataset_upload"], ["data.dataset_select"], api_name="upload_dataset", **LIGHT)
 
 
 # --- train ---------------------------------------------------------------------------------
@@ -212,10 +235,31 @@ def _wire_train(ui: Registry, root: Path):
     ui.on(ui["train.train_continue"].click, functools.partial(train_tab.continue_run, root),
           ["train.live", "train.continue_steps"], ["train.live", "train.continue_message"],
           api_name="continue_training", **HEAVY)
+
+    def fill(v):
+        form = train_tab.run_form(root, (v["train.live"] or {}).get("run"))
+        return {**form, "data.picked": {k: form[k] for k in PREVIEW_IN if k in form}}
+
+    filled = ui.on(ui["train.from_run"].click, fill, ["train.live"], FILL_OUT + ("data.picked",),
+                   api_name="fill_from_run", **LIGHT)
+    _recount_on(ui, root, filled.then)
+    ui.on(filled.then, preview_after_pick, PREVIEW_IN + ("data.picked",), PREVIEW_OUT, **LIGHT)
+    ui.on(ui["train.live"].change,
+          lambda v: {"train.from_run": gr.update(interactive=bool((v["train.live"] or {}).get("run")))},
+          ["train.live"], ["train.from_run"], **LIGHT)
     # The live view polls its own route (studio/ui/live.py); its value changes when the run it
     # follows does, or stops being active, and that re-gates Start.
     for name in ("train.live",) + train_tab.TRAIN_FORM:
         _gate(ui, root, ui[name].change)
+
+
+def _wire_next_steps(ui: Registry, root: Path):
+    """A completed run's note and its buttons, each opening a tab with the run selected (studio/ui/tabs/next_steps.py)."""
+    ui.on(ui["train.live"].change, functools.partial(next_steps.view, root), ["train.live", "train.seen"],
+          ["train.next", "train.next_note", "train.seen"], **LIGHT)
+    for action in next_steps.ACTIONS:
+        ui.on(ui[f"train.next_{action}"].click, functools.partial(next_steps.go, root, action), ["train.live"],
+              next_steps.OUTPUTS[action], **LIGHT)
 
 
 def _gate(ui: Registry, root: Path, event):
@@ -260,11 +304,8 @@ def _wire_runs(ui: Registry, root: Path):
 # --- export --------------------------------------------------------------------------------
 
 def _wire_export(ui: Registry, root: Path):
-    def refresh(v):
-        ids, current = export_tab.exportable(root), v["export.run"]
-        return {"export.run": gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))}
-
-    ui.on(ui["export.tab"].select, refresh, ["export.run"], ["export.run"], **LIGHT)
+    ui.on(ui["export.tab"].select, lambda v: export_tab.refresh_view(root, v["export.run"]), ["export.run"],
+          ["export.run", "export.empty"], **LIGHT)
     merged_out = ["export.download_merged", "export.merged_files"]
 
     def prepare_adapter(v):
@@ -380,14 +421,9 @@ def _wire_evaluate(ui: Registry, root: Path):
 # --- analysis ------------------------------------------------------------------------------
 
 def _wire_analysis(ui: Registry, root: Path):
-    def refresh(v):
-        ids = export_tab.exportable(root)
-        pick = lambda cur: cur if cur in ids else (ids[0] if ids else None)
-        return {"analysis.run_a": gr.update(choices=ids, value=pick(v["analysis.run_a"])),
-                "analysis.run_b": gr.update(choices=ids, value=pick(v["analysis.run_b"]))}
-
     runs_ab = ["analysis.run_a", "analysis.run_b"]
-    ui.on(ui["analysis.tab"].select, refresh, runs_ab, runs_ab, **LIGHT)
+    ui.on(ui["analysis.tab"].select, lambda v: analysis_tab.refresh_view(root, v["analysis.run_a"], v["analysis.run_b"]),
+          runs_ab, runs_ab + ["analysis.empty"], **LIGHT)
     ui.on(ui["analysis.run_a"].change,
           lambda v: {"analysis.module": gr.update(choices=analysis_tab.modules(root, v["analysis.run_a"]), value=None)},
           ["analysis.run_a"], ["analysis.module"], **LIGHT)

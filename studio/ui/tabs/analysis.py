@@ -14,8 +14,20 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from studio.errors import StudioError
-from studio.ui.tabs.export import exportable
+from studio.ui.tabs.export import offered_runs, run_choice
 from studio.ui.tabs.runs import run_folder
+
+
+EMPTY = ("**Nothing to analyse yet.** The analyses read a run's final adapter: train one on the Train tab first "
+         "(a run writes its adapter when it completes or is stopped). For the similarity heatmap, train two runs "
+         "of the same model, say r=8 and r=64.")
+
+
+def refresh_view(runs_dir: Path, run_a: str | None, run_b: str | None) -> dict:
+    """The tab as it opens: both runs preselected (the newest completed one), or what to do first."""
+    a, any_run = run_choice(runs_dir, run_a)
+    b, _ = run_choice(runs_dir, run_b)
+    return {"analysis.run_a": a, "analysis.run_b": b, "analysis.empty": gr.update(visible=not any_run)}
 
 
 def _adapter(runs_dir: Path, run_id: str):
@@ -132,14 +144,14 @@ def _g(x) -> str:
 
 def build(runs_dir: Path) -> SimpleNamespace:
     ui = SimpleNamespace()
-    ids = exportable(runs_dir)
+    ids, _ = offered_runs(runs_dir)  # the runs are preselected when the tab opens (`refresh_view`)
     gr.Markdown("From *LoRA: Low-Rank Adaptation of Large Language Models* (Hu et al., 2021), section 7. "
                 "Compare two runs of the same model (say r=8 and r=64) to see how much of their update "
                 "subspaces overlap, and how strongly ΔW amplifies directions that W barely uses.")
+    ui.empty = gr.Markdown(EMPTY, elem_id="analysis-empty", visible=not ids)
     with gr.Row():
-        ui.run_a = gr.Dropdown(ids, value=ids[0] if ids else None, label="Run A", elem_id="analysis-run-a")
-        ui.run_b = gr.Dropdown(ids, value=ids[0] if ids else None, label="Run B (for similarity)",
-                               elem_id="analysis-run-b")
+        ui.run_a = gr.Dropdown(ids, value=None, label="Run A", elem_id="analysis-run-a")
+        ui.run_b = gr.Dropdown(ids, value=None, label="Run B (for similarity)", elem_id="analysis-run-b")
         ui.module = gr.Dropdown([], label="Module (similarity heatmap)", elem_id="analysis-module",
                                 allow_custom_value=True)
         ui.which = gr.Radio(WHICH_CHOICES, value="dW", label="compare", info=WHICH_INFO, elem_id="analysis-which")

@@ -6,6 +6,7 @@ Components are registered under "data.NAME"; the widgets start at DataConfig's d
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import os
 import re
@@ -19,6 +20,7 @@ import gradio as gr
 
 from studio import data, models
 from studio.config import DATA_FORMATS, DataConfig, field_help
+from studio.data.load import check_task
 from studio.data.token_view import PAD, token_preview
 from studio.errors import StudioError
 from studio.ui.registry import Registry
@@ -60,7 +62,7 @@ def max_upload_mb() -> float:
 
 def dataset_choices(runs_dir: Path) -> list[tuple[str, str]]:
     out = [(f"{d['name']}  ·  {d['format']}, {d['rows']} rows", d["path"]) for d in data.list_builtin()]
-    up = runs_dir / "uploads"
+    up = uploads_dir(runs_dir)
     if up.is_dir():
         for p in sorted(up.iterdir()):
             if p.suffix in UPLOAD_KINDS:
@@ -85,6 +87,28 @@ def default_dataset(task: str) -> str:
     return data.list_builtin()[0]["path"]
 
 
+def dataset_name(path: str) -> str:
+    """How the list names a dataset: a built-in by its name, an upload or typed path by its file name."""
+    for d in data.list_builtin():
+        if path == d["path"]:
+            return d["name"]
+    return Path(str(path)).name or str(path)
+
+
+def task_mismatch(path: str, fmt: str | None, task: str) -> str | None:
+    """Why the dataset at `path` cannot train a model of `task` (the preflight's words), or None,
+    also when it does not load at all: the preview says why next to it, and Start is refused."""
+    try:
+        loaded = data.load_records(path, fmt or "auto")
+    except StudioError:
+        return None
+    try:
+        check_task(loaded, task)
+    except StudioError as e:
+        return str(e)
+    return None
+
+
 def safe_upload_name(name: str) -> str:
     """A plain file name: no folders, no dots in front, only safe characters."""
     base = Path(str(name).replace("\\", "/")).name
@@ -93,11 +117,52 @@ def safe_upload_name(name: str) -> str:
     return f"{stem[:80]}{suffix}"
 
 
+def uploads_dir(runs_dir: Path) -> Path:
+    return runs_dir / "uploads"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def same_upload(src: Path, dest_dir: Path) -> Path | None:
+    """The file already kept in `dest_dir` with the content of `src` (its own name first), or None:
+    uploading a file again selects the copy kept before instead of adding `x-2.jsonl`."""
+    if not dest_dir.is_dir():
+        return None
+    size, suffix, digest = src.stat().st_size, src.suffix.lower(), None
+    named = dest_dir / safe_upload_name(src.name)
+    for p in sorted(dest_dir.iterdir(), key=lambda p: p != named):
+        if p.suffix == suffix and p.is_file() and p.stat().st_size == size:
+            digest = digest or _digest(src)
+            if _digest(p) == digest:
+                return p
+    return None
+
+
 def save_upload(tmp_path: str | None, runs_dir: Path) -> str:
-    """Copy an uploaded file into runs/uploads under a safe name; returns its path.
+    """Copy an uploaded file into runs/uploads under a safe name; returns its path. A file with
+    the same content kept before is that file (nothing is copied).
 
     The file is checked first, so a bad upload never lands in the dataset list.
     """
+    return _save_upload(tmp_path, runs_dir)[0]
+
+
+def upload_view(tmp_path: str | None, runs_dir: Path) -> dict[str, Any]:
+    """An upload kept and selected in the list (every upload of the runs folder listed); a file
+    uploaded again is the copy kept before, and a note says so."""
+    path, reused = _save_upload(tmp_path, runs_dir)
+    if reused:
+        gr.Info(f"{Path(str(tmp_path)).name} was uploaded before (same content): using {Path(path).name}.")
+    return {"data.dataset_select": gr.update(choices=dataset_choices(runs_dir), value=path)}
+
+
+def _save_upload(tmp_path: str | None, runs_dir: Path) -> tuple[str, bool]:
     if not tmp_path:
         raise gr.Error("no file was uploaded", print_exception=False)
     src = Path(tmp_path)
@@ -111,8 +176,11 @@ def save_upload(tmp_path: str | None, runs_dir: Path) -> str:
         data.load_records(str(src))
     except StudioError as e:
         raise gr.Error(str(e).replace(str(src.parent) + "/", ""), print_exception=False) from None
-    dest_dir = runs_dir / "uploads"
+    dest_dir = uploads_dir(runs_dir)
     try:
+        kept = same_upload(src, dest_dir)
+        if kept is not None:
+            return str(kept), True
         dest_dir.mkdir(parents=True, exist_ok=True)
         dest = dest_dir / safe_upload_name(src.name)
         n = 2
@@ -129,7 +197,7 @@ def save_upload(tmp_path: str | None, runs_dir: Path) -> str:
         where = f" ({e.filename})" if e.filename else ""
         raise gr.Error(f"cannot save the upload in {dest_dir}: {e.strerror or e}{where}",
                        print_exception=False) from None
-    return str(dest)
+    return str(dest), False
 
 
 @functools.lru_cache(maxsize=4)
@@ -249,7 +317,8 @@ def build(ui: Registry, runs_dir: Path, d: DataConfig | None = None) -> None:
     with gr.Row():
         c["dataset_select"] = gr.Dropdown(dataset_choices(runs_dir),
                                           value=dataset_value(d.path) if named else default_dataset("causal_lm"),
-                                          label="Dataset", elem_id="dataset-select", scale=3, info=DATA_HELP["path"])
+                                          label="Dataset", elem_id="dataset-select", scale=3, info=DATA_HELP["path"],
+                                          allow_custom_value=True)
         c["data_format"] = gr.Dropdown(list(DATA_FORMATS), value=d.format, label="Format", scale=1,
                                        info=DATA_HELP["format"])
         c["dataset_upload"] = gr.UploadButton("Upload a dataset", file_types=UPLOAD_KINDS, elem_id="dataset-upload",

@@ -25,10 +25,39 @@ MERGED, GGUF, LORA_GGUF = "merged safetensors", "GGUF", "adapter-only GGUF (llam
 FORMATS = (MERGED, GGUF, LORA_GGUF)
 
 
+EMPTY = ("**No run has a final adapter yet.** Train one first: pick a model (Model tab) and a dataset (Data "
+         "tab), then Start on the Train tab. A run writes its adapter when it completes or is stopped; it is "
+         "listed here then.")
+
+
 def exportable(runs_dir: Path) -> list[str]:
     from studio.adapters.file import present
 
     return [i for i in run_ids(runs_dir) if present(runs_dir / i / runs.ADAPTER)]
+
+
+def offered_runs(runs_dir: Path) -> tuple[list[str], str | None]:
+    """The runs with a final adapter, newest first, and the one to preselect: the newest completed
+    run (not a newer one that was stopped early or failed), else the newest."""
+    from studio.adapters.file import present
+
+    rows = [r for r in runs.list_runs(runs_dir) if present(runs_dir / r["id"] / runs.ADAPTER)]
+    ids = [r["id"] for r in rows]
+    done = next((r["id"] for r in rows if r["state"] == "completed"), None)
+    return ids, done or (ids[0] if ids else None)
+
+
+def run_choice(runs_dir: Path, current: str | None) -> tuple[dict, bool]:
+    """The run dropdown's update (the current pick kept while it is offered, else the preselected
+    run) and whether there is any run to offer."""
+    ids, preferred = offered_runs(runs_dir)
+    return gr.update(choices=ids, value=current if current in ids else preferred), bool(ids)
+
+
+def refresh_view(runs_dir: Path, current: str | None) -> dict:
+    """The tab as it opens: the runs to export, or what to do first when there are none."""
+    pick, any_run = run_choice(runs_dir, current)
+    return {"export.run": pick, "export.empty": gr.update(visible=not any_run)}
 
 
 def merged_files(folder: Path) -> list[str]:
@@ -196,10 +225,12 @@ def adapter_zip(runs_dir: Path, run_id: str) -> str:
 
 def build(runs_dir: Path) -> SimpleNamespace:
     ui = SimpleNamespace()
-    ids = exportable(runs_dir)
+    ids, _ = offered_runs(runs_dir)
+    # What to do first. The list, this note and the preselected run are brought up to date each time
+    # the tab opens (`refresh_view`): a run picked at build time would be stale on a page opened later.
+    ui.empty = gr.Markdown(EMPTY, elem_id="export-empty", visible=not ids)
     with gr.Row():
-        ui.run = gr.Dropdown(ids, value=ids[0] if ids else None, label="Run with a final adapter",
-                             elem_id="export-run", scale=3)
+        ui.run = gr.Dropdown(ids, value=None, label="Run with a final adapter", elem_id="export-run", scale=3)
         ui.format = gr.Radio(list(FORMATS), value=MERGED, label="format", elem_id="export-format", scale=3)
     with gr.Row():
         # "auto": the base's own dtype (a float32 merge of a bfloat16 base doubles the file for nothing)
@@ -216,7 +247,7 @@ def build(runs_dir: Path) -> SimpleNamespace:
         ui.merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
         ui.gguf_btn = gr.Button("Export GGUF", variant="primary", elem_id="export-gguf", visible=False)
         ui.download_adapter = gr.DownloadButton("Download adapter (.zip)", elem_id="download-adapter",
-                                                interactive=bool(ids))
+                                                interactive=False)
         ui.download_merged = gr.DownloadButton("Download merged weights (.safetensors)", elem_id="download-merged",
                                                interactive=False)
         ui.download_gguf = gr.DownloadButton("Download GGUF", elem_id="download-gguf", interactive=False)

@@ -7,23 +7,20 @@ The sliders start at the config's defaults (studio.config); a loaded model bring
 
 from __future__ import annotations
 
-import functools
 import html
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import gradio as gr
-from gradio.components.plot import PlotData
 
 from studio import lora, models
 from studio.config import LoraSettings, field_help, parse_layers, starter_config
 from studio.errors import ConfigError, StudioError
-from studio.models import memory
 from studio.models.shards import pickled_files
 from studio.models.tree import ModelTree, human, model_tree
 from studio.ui.registry import Registry
+from studio.ui.tabs import memory_panel
 from studio.ui.widgets.charts import param_chart
 from studio.ui.widgets.tree_view import ModuleTree, leaf_index, render_tree
 
@@ -39,10 +36,8 @@ LORA_HELP = field_help(LoraSettings)
 LORA_FORM = ("model.state", "model.module_tree", "model.layers", "model.lora_r", "model.lora_alpha",
              "model.lora_dropout", "model.bias", "model.use_rslora", "model.use_dora", "model.modules_to_save",
              "model.rank_pattern")
-# The memory estimate's own inputs, read beside LORA_FORM by `recount`, and what it updates.
-MEMORY_FORM = ("model.mem_batch", "model.mem_seq", "model.mem_quant", "model.mem_precision",
-               "model.mem_checkpointing", "model.mem_optim", "model.mem_gpu")
-MEMORY_OUT = ("model.memory_total", "model.memory_chart", "model.memory_fits")
+# The memory panel's inputs and outputs (studio/ui/tabs/memory_panel.py), read and updated by `recount`.
+MEMORY_FORM, MEMORY_OUT = memory_panel.MEMORY_FORM, memory_panel.MEMORY_OUT
 
 
 def opening_model(wanted: str | None = None) -> tuple[str, str]:
@@ -137,8 +132,10 @@ class Loaded(NamedTuple):
     state: dict  # {"ref", "task", "explore_only", "trust_remote_code"}
 
 
-def load(ref: str, task: str | None = None, trust_remote_code: bool = False) -> Loaded:
-    """Build the tree of `ref` (meta device) and the default selection; refusals raise gr.Error."""
+def load(ref: str, task: str | None = None, trust_remote_code: bool = False,
+         ticked: LoraSettings | None = None) -> Loaded:
+    """Build the tree of `ref` (meta device) and the default selection (or the modules `ticked`
+    targets: a run's own); refusals raise gr.Error."""
     ref = (ref or "").strip() or DEFAULT_MODEL
     trust_remote_code = bool(trust_remote_code)
     try:
@@ -151,7 +148,7 @@ def load(ref: str, task: str | None = None, trust_remote_code: bool = False) -> 
             msg += ". Here: the trust_remote_code box under Load, then Load again."
         raise gr.Error(msg, print_exception=False) from None
     index = leaf_index(tree)
-    wanted = default_targets(tree)
+    wanted = default_targets(tree) if ticked is None else targeted(tree, ticked)
     keys = [k for k, paths in index.items() if wanted & set(paths)]
     types = tree.targetable_types()
     chosen_types = types_from_keys(tree, keys)
@@ -161,16 +158,45 @@ def load(ref: str, task: str | None = None, trust_remote_code: bool = False) -> 
                   gr.update(choices=types + [ALL_LINEAR_CHOICE], value=chosen_types), summary, state)
 
 
-def load_view(ref: str, task: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+def targeted(tree: ModelTree, settings: LoraSettings) -> set[str]:
+    """The module paths `settings` adapts (none when its targets match nothing here)."""
+    try:
+        return set(lora.resolve_targets(tree, settings).matched)
+    except StudioError:
+        return set()
+
+
+def load_view(ref: str, task: str | None = None, trust_remote_code: bool = False,
+              ticked: LoraSettings | None = None) -> dict[str, Any]:
     """`load` as updates of the Model tab, by name."""
-    out = load(ref, task, trust_remote_code)
+    out = load(ref, task, trust_remote_code, ticked)
     return {"model.module_tree": out.tree, "model.target_types": out.types, "model.summary": out.summary,
             "model.state": out.state}
 
 
+def load_or_refuse(ref: str, task: str | None, trust_remote_code: bool, shown: dict | None) -> dict[str, Any]:
+    """`load_view` of the box's value, with the message next to Load cleared. A model that cannot
+    load changes nothing it does not own: the tree, count and summary stay on the model `shown`,
+    the box and the task go back to it, and the message says why, in one line where the user looks."""
+    try:
+        return {**load_view(ref, task, trust_remote_code), "model.message": ""}
+    except gr.Error as e:
+        shown = shown or {}
+        was = shown.get("ref") or DEFAULT_MODEL
+        text = f"⚠ Not loaded: {html.escape(e.message, quote=False)}. Still showing <b>{html.escape(was)}</b>."
+        return {"model.message": f"<div class='bad'>{text}</div>", "model.model_select": was,
+                "model.task": shown.get("task") or "causal_lm"}
+
+
+def note_html(text: str) -> str:
+    """A note for the message next to Load (what a load changed that the user did not ask for)."""
+    return f"<div class='model-note'>ⓘ {text}</div>" if text else ""
+
+
 def summary_markdown(ref: str, src, tree: ModelTree, trust_remote_code: bool = False) -> str:
     s = models.summary(ref, trust_remote_code)
-    bits = [f"**{html.escape(tree.cls)}**", f"{human(tree.total_params)} parameters ({tree.total_params:,})",
+    bits = [f"**{html.escape(tree.cls)}**", f"{human(tree.total_params)} parameters ({tree.total_params:,}) "
+            "without an adapter",
             f"task `{tree.task}`"]
     if s.get("num_hidden_layers"):
         bits.append(f"{s['num_hidden_layers']} layers, hidden {s.get('hidden_size')}")
@@ -276,7 +302,7 @@ def recount(v: Mapping[str, Any]) -> dict[str, Any]:
     html_text, fig, _ = count_view(sel)
     out = {"model.param_count": html_text, "model.param_chart": fig}
     if all(n in v for n in MEMORY_FORM):
-        out.update(memory_view(sel, v))
+        out.update(memory_panel.memory_view(sel, v))
     return out
 
 
@@ -310,8 +336,11 @@ def _count_html(c, sel: Selection, error: str | None) -> str:
         return (f"<div class='pc pc-err'><b>No count:</b> {html.escape(error or '')}</div>")
     return (
         f"<div class='pc'><div class='pc-big'><span class='pc-trainable' data-trainable='{c.trainable}'>"
-        f"{c.trainable:,}</span> trainable of {c.total:,} parameters "
-        f"(<b>{c.trainable_percent:.4f}%</b>)</div>"
+        f"{c.trainable:,}</span> trainable of <span class='pc-total' data-total='{c.total}'>{c.total:,}</span> "
+        f"parameters (<b>{c.trainable_percent:.4f}%</b>)</div>"
+        # the total is PEFT's: the model's own (the summary's figure) and what the adapter adds to it
+        f"<div class='pc-parts'>total = the model's <span data-base='{c.base_params}'>{c.base_params:,}</span>"
+        f" + the adapter's {c.total - c.base_params:,}</div>"
         f"<div>adapter: {c.adapter_mb['float32']:,.2f} MB float32 · {c.adapter_mb['bfloat16']:,.2f} MB bfloat16"
         f" · scaling {'α/√r' if sel.settings.use_rslora else 'α/r'} = {scaling:g}"
         f" · {len(c.matched_modules)} modules adapted</div>"
@@ -321,112 +350,6 @@ def _count_html(c, sel: Selection, error: str | None) -> str:
         + (f" · modules_to_save: <code>{', '.join(c.modules_to_save)}</code>" if c.modules_to_save else "")
         + "</div></div>")
 
-
-# --- will it fit: the training-memory estimate for the selection ------------------------------
-
-MEMORY_HELP = (f"Estimate for training on a CUDA GPU, GB = 2^30 bytes. Fits = estimate + the CUDA context "
-               f"({memory.CUDA_CONTEXT_BYTES / memory.GIB:g} GB allowed) + the loss's transient logits gradients; "
-               "a batch filled to the sequence length, as packing does.")
-MEMORY_PARTS = (("weights", "#64748b"), ("adapter + grads + optimizer", "#6366f1"), ("activations", "#f59e0b"),
-                ("allowance", "#cbd5e1"))
-
-
-@dataclass
-class MemoryView:
-    """The estimate for a selection and the memory inputs, in bytes by part."""
-    parts: dict[str, int]
-    need: int  # everything, allowances included
-    gpu_gb: int
-    batch: int
-    seq: int
-    largest_batch: int  # on the chosen GPU at `seq` tokens; 0: not even one
-
-
-def memory_options(v: Mapping[str, Any]) -> dict[str, Any]:
-    """The MEMORY_FORM values as `memory.estimate` options."""
-    return dict(batch=int(v["model.mem_batch"]), seq=int(v["model.mem_seq"]), quant=v["model.mem_quant"],
-                precision=v["model.mem_precision"], gradient_checkpointing=bool(v["model.mem_checkpointing"]),
-                optimizer=v["model.mem_optim"])
-
-
-def memory_figures(sel: Selection, v: Mapping[str, Any]) -> MemoryView:
-    """The estimate on a CUDA GPU for the selection and the memory inputs (raises what lora.check does)."""
-    o = memory_options(v)
-    c = sel.checked()
-    est = memory.estimate(sel.tree, c, sel.settings, device="cuda", **o)
-    allowance = sum(memory.allowances(sel.tree, o["batch"], o["seq"], "cuda").values())
-    parts = dict(zip([name for name, _ in MEMORY_PARTS],
-                     (est.weights_bytes, est.trainable_bytes + est.gradients_bytes + est.optimizer_bytes,
-                      est.activations_bytes, allowance), strict=True))
-    gpu = int(v["model.mem_gpu"])
-    kw = {k: o[k] for k in ("quant", "precision", "gradient_checkpointing", "optimizer")}
-    n = memory.largest_batch(sel.tree, c, sel.settings, gpu * memory.GIB, seq=o["seq"], device="cuda", **kw)
-    return MemoryView(parts, sum(parts.values()), gpu, o["batch"], o["seq"], n)
-
-
-def _gb(n: int) -> str:
-    g = n / memory.GIB
-    return f"{g:,.2f} GB" if g < 10 else f"{g:,.1f} GB"
-
-
-def memory_view(sel: Selection, v: Mapping[str, Any]) -> dict[str, Any]:
-    """MEMORY_OUT updates: the total with its parts, the stacked bar, the fits-on row."""
-    reason = sel.error
-    if reason is None:
-        try:
-            m = memory_figures(sel, v)
-        except StudioError as e:
-            reason = str(e)
-    if reason is not None:
-        return {"model.memory_total": f"<div class='pc pc-err'><b>No estimate:</b> {html.escape(reason)}</div>",
-                "model.memory_chart": memory_chart(None), "model.memory_fits": ""}
-    parts = " · ".join(f"{k} {_gb(b)}" for k, b in m.parts.items())
-    total = (f"<div class='mem-total' data-bytes='{m.need}'><b>{_gb(m.need)}</b> to train micro-batch {m.batch} × "
-             f"{m.seq} tokens ({parts})</div>")
-    cells = []
-    for size in memory.GPU_SIZES_GB:
-        ok = m.need <= size * memory.GIB
-        style = "background:#dcfce7;color:#166534" if ok else "background:#fee2e2;color:#991b1b"
-        cells.append(f"<span class='mem-gpu' data-gb='{size}' data-fits='{str(ok).lower()}' "
-                     f"style='{style};padding:2px 8px;border-radius:6px;margin-right:4px'>"
-                     f"{size} GB {'✓' if ok else '✗'}</span>")
-    if m.largest_batch:
-        biggest = (f"largest micro-batch on a {m.gpu_gb} GB GPU at {m.seq} tokens: "
-                   f"<b class='mem-largest' data-batch='{m.largest_batch}'>{m.largest_batch}</b>")
-    else:
-        biggest = (f"<b class='mem-largest' data-batch='0'>not even micro-batch 1</b> fits a {m.gpu_gb} GB GPU at "
-                   f"{m.seq} tokens: try gradient checkpointing, 4bit or fewer tokens")
-    fits = (f"<div class='mem-fits'>fits on: {''.join(cells)}</div><div>{biggest}</div>"
-            f"<div style='color:#6b7280;font-size:12px'>{html.escape(MEMORY_HELP)}</div>")
-    return {"model.memory_total": total, "model.memory_chart": memory_chart(m), "model.memory_fits": fits}
-
-
-def memory_chart(m: MemoryView | None) -> PlotData:
-    """The estimate as one stacked bar, with the chosen GPU's size marked.
-
-    Plain plotly JSON, as charts.loss_plot builds it: this redraws at every slider move, and a
-    validating plotly Figure costs about 90 ms of the 20 ms the whole update may take.
-    """
-    data, shapes = [], []
-    if m is not None:
-        data = [{"type": "bar", "orientation": "h", "y": ["estimate"], "x": [b / memory.GIB], "name": name,
-                 "marker": {"color": color}, "hovertemplate": f"{name}: %{{x:.2f}} GB<extra></extra>"}
-                for (name, color), b in zip(MEMORY_PARTS, m.parts.values(), strict=True)]
-        shapes = [{"type": "line", "x0": m.gpu_gb, "x1": m.gpu_gb, "y0": 0, "y1": 1, "yref": "paper",
-                   "line": {"dash": "dash", "color": "#111827"}}]
-    layout = {"barmode": "stack", "height": 170, "template": _plot_template(), "uirevision": "keep",
-              "margin": {"l": 70, "r": 20, "t": 30, "b": 40}, "xaxis": {"title": {"text": "GB (2^30 bytes)"}},
-              "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.15, "x": 0}, "shapes": shapes,
-              "annotations": [{"x": m.gpu_gb, "y": 1, "yref": "paper", "text": f"{m.gpu_gb} GB GPU",
-                               "showarrow": False, "yanchor": "bottom"}] if m is not None else []}
-    return PlotData(type="plotly", plot=json.dumps({"data": data, "layout": layout}))
-
-
-@functools.lru_cache(maxsize=1)
-def _plot_template() -> dict:
-    import plotly.io as pio
-
-    return pio.templates["plotly_white"].to_plotly_json()
 
 def sweep_view(state: dict):
     """Trainable parameters and adapter size for r in 1..128 x (q+v, attention, MLP, all-linear)."""
@@ -476,6 +399,7 @@ def build(ui: Registry, ref: str = DEFAULT_MODEL, note: str = "") -> None:
             c["trust_remote_code"] = gr.Checkbox(start.model.trust_remote_code, label="trust_remote_code",
                                                  elem_id="trust-remote-code",
                                                  info="run Python code that comes with the model")
+    c["message"] = gr.HTML(elem_id="model-message")  # why a model did not load, or what its load changed
     c["trust_note"] = gr.Markdown(elem_id="trust-note")
     c["summary"] = gr.Markdown(elem_id="model-summary")
     with gr.Row():
@@ -505,29 +429,7 @@ def build(ui: Registry, ref: str = DEFAULT_MODEL, note: str = "") -> None:
                                                placeholder="q_proj=16, v_proj=4", info=LORA_HELP["rank_pattern"])
             c["param_count"] = gr.HTML(elem_id="param-count")
     c["param_chart"] = gr.Plot(elem_id="param-chart", label="Trainable parameters")
-    with gr.Group(elem_id="memory-estimate"):
-        gr.Markdown("**Training memory: will it fit?**")
-        with gr.Row():
-            c["mem_batch"] = gr.Slider(1, 256, value=start.train.per_device_train_batch_size, step=1,
-                                       label="micro-batch", elem_id="memory-batch",
-                                       info="rows per step (train.per_device_train_batch_size)")
-            c["mem_seq"] = gr.Slider(8, 32768, value=start.data.max_length, step=8, label="sequence length",
-                                     elem_id="memory-seq", info="tokens per row (data.max_length)")
-            c["mem_gpu"] = gr.Dropdown([(f"{g} GB", g) for g in memory.GPU_SIZES_GB], value=24, label="GPU",
-                                       elem_id="memory-gpu", info="for the largest micro-batch that fits")
-        with gr.Row():
-            c["mem_quant"] = gr.Radio(list(memory.QUANTS), value=start.model.quantization, label="base weights",
-                                      elem_id="memory-quant", info="model.quantization (4bit: QLoRA)")
-            c["mem_precision"] = gr.Radio(list(memory.PRECISIONS), value="bf16", label="precision",
-                                          elem_id="memory-precision",
-                                          info="train.precision (auto is bf16 on a GPU that supports it)")
-            c["mem_optim"] = gr.Radio(list(memory.OPTIMIZERS), value=start.train.optim, label="optimizer",
-                                      elem_id="memory-optim", info="train.optim")
-            c["mem_checkpointing"] = gr.Checkbox(start.train.gradient_checkpointing, label="gradient checkpointing",
-                                                 elem_id="memory-checkpointing", info="train.gradient_checkpointing")
-        c["memory_total"] = gr.HTML(elem_id="memory-total")
-        c["memory_chart"] = gr.Plot(elem_id="memory-chart", label="Training memory")
-        c["memory_fits"] = gr.HTML(elem_id="memory-fits")
+    memory_panel.build(c, start)
     with gr.Accordion("Cost explorer: r × target sets, before downloading anything", open=False):
         c["sweep_btn"] = gr.Button("Explore this model", elem_id="sweep-btn")
         c["sweep_plot"] = gr.Plot(elem_id="sweep-plot", label="Adapter size by rank")

@@ -34,6 +34,7 @@ from studio.ui import live
 from studio.ui.registry import Registry
 from studio.ui.tabs import data as data_tab
 from studio.ui.tabs import model as model_tab
+from studio.ui.tabs import next_steps
 
 TRAIN_HELP = field_help(TrainConfig)
 FINAL = set(runs.FINAL_STATES)
@@ -79,6 +80,33 @@ def model_settings(ref: str, task: str) -> dict[str, Any]:
             "model.task": task, "data.dataset_select": dataset}
 
 
+def settings_after_pick(shown: dict | None, state: dict, dataset: str | None,
+                        data_format: str | None) -> tuple[dict[str, Any], str]:
+    """The form's values once the model in `state` loaded over the one `shown` before, and a note
+    for the user ("" when nothing needs saying).
+
+    The dataset the user chose stays (reloading the same model included) when it suits the new
+    model's task; one that does not is replaced by the new model's starter dataset, and the note
+    says why. A dataset the user never changed (the previous model's starter one) follows the new
+    model's starter, and the note says so when that is another one."""
+    settings = model_settings(state["ref"], state["task"])
+    new, current = settings["data.dataset_select"], dataset or ""
+    if not current or current == new:
+        return settings, ""
+    name = lambda p: f"<b>{html.escape(data_tab.dataset_name(p))}</b>"
+    ref = html.escape(state["ref"])
+    if shown and shown.get("ref"):
+        before = model_settings(shown["ref"], shown.get("task") or "causal_lm")["data.dataset_select"]
+        if current == before:
+            return settings, (f"Dataset: now {name(new)}, the starter dataset of {ref} (was {name(current)}, "
+                              f"the one of {html.escape(shown['ref'])}); pick another on the Data tab.")
+    reason = data_tab.task_mismatch(current, data_format, state["task"])
+    if reason is None:
+        return {k: v for k, v in settings.items() if k not in ("data.dataset_select", "data.data_format")}, ""
+    return settings, (f"Dataset: {name(current)} does not suit {ref} ({html.escape(reason, quote=False)}); switched to "
+                      f"{name(new)}, the starter dataset of {ref}.")
+
+
 def form_for(ref: str = model_tab.DEFAULT_MODEL, task: str | None = None, trust_remote_code: bool = False,
              **changes) -> dict[str, Any]:
     """The FORM values right after `ref` loads (ticked modules included), with `changes` by name
@@ -94,6 +122,27 @@ def form_for(ref: str = model_tab.DEFAULT_MODEL, task: str | None = None, trust_
             raise KeyError(f"{name!r} is not a form value; form values: {', '.join(values)}")
         values[key] = value
     return values
+
+
+def run_form(runs_dir: Path, run: str | None) -> dict[str, Any]:
+    """The form filled from the config.yaml of `run` (the one the live view follows): its model
+    with the modules it adapts ticked, its LoRA, data and train settings, and a note saying so.
+    Refusals (no such run, a config or model that no longer loads) raise gr.Error."""
+    from studio.config import load_config
+
+    path = runs_dir / str(run) / runs.CONFIG
+    if not run or not runs.is_run_id(run) or not path.is_file():
+        raise gr.Error(f"no run {run!r} in {runs_dir} to take the settings from", print_exception=False)
+    try:
+        cfg = load_config(path)
+    except StudioError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    m = cfg.model
+    loaded = model_tab.load_view(m.name_or_path, m.task, m.trust_remote_code, ticked=cfg.lora)
+    return {**loaded, **model_tab.lora_values(cfg.lora), **data_tab.data_values(cfg.data), **train_values(cfg.train),
+            "model.model_select": m.name_or_path, "model.task": m.task, "model.trust_remote_code": m.trust_remote_code,
+            "model.message": "", "data.dataset_select": data_tab.dataset_value(cfg.data.path),
+            "train.form_note": f"The form shows the settings of <b>{html.escape(run)}</b> (its {runs.CONFIG})."}
 
 
 def build_config(v: Mapping[str, Any]) -> RunConfig:
@@ -216,7 +265,8 @@ def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
     c = {}
     with gr.Row():
         c["learning_rate"] = gr.Number(t.learning_rate, label="learning_rate", info=help_["learning_rate"])
-        c["max_steps"] = gr.Number(t.max_steps, precision=0, label="max_steps", info=help_["max_steps"])
+        c["max_steps"] = gr.Number(t.max_steps, precision=0, label="max_steps", info=help_["max_steps"],
+                                   elem_id="train-max-steps")
         c["num_train_epochs"] = gr.Number(t.num_train_epochs, label="num_train_epochs",
                                           info=help_["num_train_epochs"])
         c["per_device_train_batch_size"] = gr.Slider(1, 128, value=t.per_device_train_batch_size, step=1,
@@ -232,11 +282,16 @@ def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
                                       info=help_["warmup_ratio"])
         c["eval_steps"] = gr.Number(t.eval_steps, precision=0, label="eval_steps", info=help_["eval_steps"])
         c["save_steps"] = gr.Number(t.save_steps, precision=0, label="save_steps", info=help_["save_steps"])
-        c["seed"] = gr.Number(t.seed, precision=0, label="seed", info=help_["seed"])
+        c["seed"] = gr.Number(t.seed, precision=0, label="seed", info=help_["seed"], elem_id="train-seed")
     with gr.Row():
         c["train_start"] = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
         c["train_stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
         c["start_reason"] = gr.HTML(elem_id="start-reason")
+    with gr.Row():
+        c["from_run"] = gr.Button("Fill the form from this run", elem_id="train-from-run", size="sm", scale=0,
+                                  interactive=False)
+        c["form_note"] = gr.HTML(elem_id="train-form-note")
+    next_steps.build(ui)  # once the followed run completed: what to do with it
     c["live"] = live.LiveRun(elem_id="run-live")  # run-status, run-progress and loss-plot, polled by the page
     with gr.Row():  # a completed run, trained further as a new run that records it as its parent
         c["continue_steps"] = gr.Number(50, precision=0, minimum=1, label="more steps", elem_id="continue-steps",
