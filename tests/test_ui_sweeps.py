@@ -198,7 +198,9 @@ def test_the_sweeps_tab_and_queue_controls_are_wired_with_their_ids(tmp_path):
     from studio.ui import app
 
     demo = app.build_app(tmp_path, "tiny-llama")
-    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    named = [b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None)]
+    ids = set(named)
+    assert len(named) == len(ids), sorted(i for i in ids if named.count(i) > 1)  # one element per id
     assert {"sweep-key-1", "sweep-values-1", "sweep-key-3", "sweep-name", "sweep-start", "sweep-message",
             "sweep-plan", "sweep-pick", "sweep-table", "sweep-chart", "sweep-compare", "sweep-run-a", "sweep-run-b",
             "sweep-similarity", "sweep-curves", "runs-queue-up", "runs-queue-down", "runs-queue-cancel",
