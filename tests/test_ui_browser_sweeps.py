@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from browser import ROOT, shot, wait_until
@@ -102,7 +103,7 @@ def test_a_sweep_from_the_ui_trains_one_run_at_a_time_across_a_closed_page(serve
     out = subprocess.run([sys.executable, "-m", "studio", "train", str(cfg), "--queue", "--runs-dir", str(root)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "queued at position" in out.stderr, out.stderr
-    extra = out.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
+    extra = Path(out.stdout.strip().splitlines()[-1]).name
     wait_until(lambda: extra in _table_text(page), timeout=30)  # the tab's timer refreshes the table
     # the last member moves up one place: clicking its row picks it for the buttons
     _row(page, members[2]).locator("td").first.click()
@@ -152,6 +153,7 @@ def test_a_sweep_from_the_ui_trains_one_run_at_a_time_across_a_closed_page(serve
     assert a != b and {a, b} <= set(members)
     page.locator("#sweep-similarity").click()
     wait_until(lambda: "mean φ(1,1)" in page.locator("#analysis-summary").inner_text(), timeout=120)
+    assert page.get_by_role("tab", name="Analysis").get_attribute("aria-selected") == "true"
     assert page.locator("#analysis-run-a input").input_value() == a
     assert page.locator("#analysis-run-b input").input_value() == b
     assert page.locator("#analysis-heatmap .js-plotly-plot").count()

@@ -77,7 +77,10 @@ def test_the_plan_counts_runs_and_trainable_parameters_as_the_engine_does(form):
 def test_a_grid_that_cannot_be_queued_says_why_in_one_line_and_queues_nothing(form, root, rows, needle):
     v = {**form, **grid(*rows)}
     view = sweeps_tab.plan_view(v)
-    assert needle in view["sweeps.message"] and view["sweeps.plan"] == ""
+    if rows:
+        assert needle in view["sweeps.message"] and view["sweeps.plan"] == ""
+    else:  # an untouched grid is not an error until it is queued
+        assert view["sweeps.message"] == "" and "Give a field its values" in view["sweeps.plan"]
     out = sweeps_tab.start(root, v)
     assert needle in out["sweeps.message"] and "\n" not in out["sweeps.message"]
     assert [d.name for d in root.iterdir()] == [queue.QUEUE_DIR] and queue.entries(root) == []

@@ -76,6 +76,9 @@ def message(e: Exception) -> str:
 
 def plan_view(v: Mapping[str, Any]) -> dict[str, Any]:
     """How many runs the grid makes and their trainable parameters, or why it cannot be queued."""
+    if not any((v[f"sweeps.values_{i}"] or "").strip() for i in range(1, FIELDS + 1)):
+        return {"sweeps.plan": "<p class='rd-none'>Give a field its values to see the runs and their trainable "
+                               "parameters before anything is queued.</p>", "sweeps.message": ""}
     try:
         _, _, points = planned(v)
     except (StudioError, ValueError) as e:
