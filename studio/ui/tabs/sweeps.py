@@ -22,7 +22,7 @@ from typing import Any
 import gradio as gr
 import plotly.graph_objects as go
 
-from studio.errors import StudioError
+from studio.errors import ConfigError, StudioError
 from studio.runs import sweep
 from studio.ui import live
 from studio.ui.tabs import runs as runs_tab
@@ -48,10 +48,10 @@ def specs(v: Mapping[str, Any]) -> list[str]:
         if not values:
             continue
         if not key:
-            raise ValueError(f"row {i}: the values {values!r} need a field to vary (e.g. lora.r)")
+            raise ConfigError(f"row {i}: the values {values!r} need a field to vary (e.g. lora.r)")
         out.append(f"{key}={values}")
     if not out:
-        raise ValueError("the grid is empty: choose a field and its values (e.g. lora.r with 1,4,16)")
+        raise ConfigError("the grid is empty: choose a field and its values (e.g. lora.r with 1,4,16)")
     return out
 
 
@@ -81,7 +81,7 @@ def plan_view(v: Mapping[str, Any]) -> dict[str, Any]:
                                "parameters before anything is queued.</p>", "sweeps.message": ""}
     try:
         _, _, points = planned(v)
-    except (StudioError, ValueError) as e:
+    except StudioError as e:
         return {"sweeps.plan": "", "sweeps.message": message(e)}
     total = sum(n for _, n in points)
     rows = "".join(f"<tr><td>{html.escape(label(p))}</td><td>{n:,}</td></tr>" for p, n in points)
@@ -96,7 +96,7 @@ def start(root: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     try:
         base, grid, _ = planned(v)
         out = sweep.start(base, grid, root, (v["sweeps.name"] or "").strip() or None)
-    except (StudioError, ValueError) as e:
+    except StudioError as e:
         return {"sweeps.message": message(e)}
     except OSError as e:
         return {"sweeps.message": "⚠ " + train_tab.os_error_message(e, f"cannot write the runs folder {root}")}
