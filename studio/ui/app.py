@@ -515,14 +515,15 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, r
     calm_queue(demo)
     # quiet: gradio's own start-up lines include "To create a public link, set `share=True`", an
     # invitation this studio never takes; it says where it serves itself, once launch has returned
-    # (gradio has then checked that its page answers).
+    # (its server thread is then listening).
     demo.launch(server_name=host, server_port=port, auth=creds, share=False, allowed_paths=[str(root)],
                 max_file_size=max_bytes, enable_monitoring=False, show_error=True,
                 prevent_thread_lock=True, quiet=True, css=CSS, footer_links=[],
                 # No call history kept in the browser or offered to sync to the Hub, no
                 # unauthenticated /openapi.json, and with auth nothing but the login page.
                 run_history=False, app_kwargs={"openapi_url": None, "middleware": [Middleware(LoginWall)],
-                                                 "routes": live.routes(root)})
+                                                 "routes": live.routes(root)},
+                **_compat.gradio_launch_without_self_check())
     if not quiet:
         print(serving_line(host, getattr(demo, "server_port", None) or port), flush=True)
     if not prevent_thread_lock:
