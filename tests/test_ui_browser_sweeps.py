@@ -5,6 +5,7 @@ files leave runs of their own: this file looks only at the runs it makes.
 """
 
 import dataclasses
+import re
 import subprocess
 import sys
 import threading
@@ -24,8 +25,17 @@ def _fill(page, elem_id, text):
     box.press("Tab")
 
 
-def _row(page, run_id):
-    return page.locator("#runs-table tbody tr", has_text=run_id).first
+def _cell(page, run_id, table="runs-table"):
+    """The id cell of a run's row (gradio's table draws its cells as elements with data-row and data-col)."""
+    cells = page.locator(f"#{table} [data-row][data-col='0']")
+    return cells.filter(has_text=re.compile(rf"^\s*{re.escape(run_id)}\s*$")).first
+
+
+def _row_text(page, run_id, table="runs-table") -> str:
+    cell = _cell(page, run_id, table)
+    if not cell.count():
+        return ""
+    return " ".join(page.locator(f"#{table} [data-row='{cell.get_attribute('data-row')}']").all_inner_texts())
 
 
 def _table_text(page) -> str:
@@ -68,7 +78,7 @@ def test_a_sweep_from_the_ui_trains_one_run_at_a_time_across_a_closed_page(serve
     url, root = server
     watch = Watch(root)
     # queue it from a page that is then closed: the sweep needs no page open
-    first = page.context.new_page()
+    first = page.context.browser.new_page(viewport={"width": 1400, "height": 1300})
     first.set_default_timeout(60_000)
     first.goto(url)
     first.wait_for_selector("#module-tree input[data-leaf]")
@@ -106,17 +116,17 @@ def test_a_sweep_from_the_ui_trains_one_run_at_a_time_across_a_closed_page(serve
     extra = Path(out.stdout.strip().splitlines()[-1]).name
     wait_until(lambda: extra in _table_text(page), timeout=30)  # the tab's timer refreshes the table
     # the last member moves up one place: clicking its row picks it for the buttons
-    _row(page, members[2]).locator("td").first.click()
+    _cell(page, members[2]).click()
     wait_until(lambda: page.locator("#runs-pick input").input_value() == members[2], timeout=30)
     wait_until(lambda: f"sweep {SWEEP}" in page.locator("#runs-detail").inner_text(), timeout=30)
     page.locator("#runs-queue-up").click()
     wait_until(lambda: f"{members[2]}: position 1" in page.locator("#runs-message").inner_text(), timeout=30)
     # the extra run leaves the queue before it starts
-    _row(page, extra).locator("td").first.click()
+    _cell(page, extra).click()
     wait_until(lambda: page.locator("#runs-pick input").input_value() == extra, timeout=30)
     page.locator("#runs-queue-cancel").click()
     wait_until(lambda: f"{extra}: removed from the queue" in page.locator("#runs-message").inner_text(), timeout=30)
-    wait_until(lambda: "stopped" in _row(page, extra).inner_text(), timeout=30)
+    wait_until(lambda: "stopped" in _row_text(page, extra), timeout=30)
     # the table fits a 1400 px page: nothing in it scrolls sideways
     overflow = page.locator("#runs-table").evaluate(
         "el => [el, ...el.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1 && "
@@ -133,8 +143,8 @@ def test_a_sweep_from_the_ui_trains_one_run_at_a_time_across_a_closed_page(serve
                     runs.read_json(root / m / runs.STATUS)["finished_at"]) for m in members)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # one after another
     assert runs.read_status(root / extra)["state"] == "stopped" and not (root / extra / runs.LOG).exists()
-    rows = page.locator("#sweep-table tbody tr")
-    wait_until(lambda: rows.count() == 3 and all("completed" in t for t in rows.all_inner_texts()), timeout=30)
+    wait_until(lambda: page.locator("#sweep-table [data-row][data-col='0']").count() == 3, timeout=30)
+    assert all("completed" in _row_text(page, m, "sweep-table") for m in ("2", "4", "8"))  # lora.r, the first column
     chart = page.locator("#sweep-chart .js-plotly-plot")
     wait_until(lambda: chart.count() and chart.evaluate("d => d.data[0].x.length") == 3, timeout=30)
     assert chart.evaluate("d => d.layout.xaxis.type") == "log"

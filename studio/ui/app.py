@@ -233,6 +233,9 @@ def _gate(ui: Registry, root: Path, event):
 
 # --- runs ----------------------------------------------------------------------------------
 
+TICK_OUT = ("runs.runs_table", "runs.detail", "runs.timer")
+
+
 def _wire_runs(ui: Registry, root: Path):
     def refresh(v):
         rows = runs_tab.table(root)
@@ -243,15 +246,17 @@ def _wire_runs(ui: Registry, root: Path):
                 "runs.compare": gr.update(choices=ids, value=[i for i in (compare or []) if i in ids]),
                 "runs.detail": runs_tab.detail(root, pick), "runs.timer": gr.Timer(active=runs_tab.busy(rows))}
 
-    def tick(v):  # the timer's refresh: the overlay's choices stay as they are while its curves are drawn
-        return {k: u for k, u in refresh(v).items() if k != "runs.compare"}
+    def tick(v):
+        # The table and the details only: a tick sent before a row was clicked must not put the
+        # run picked before it back (a click sets the list's choices itself), and the overlay's
+        # choices stay as they are while its curves are drawn.
+        return {k: u for k, u in refresh(v).items() if k in TICK_OUT}
 
     ins, outs = ["runs.pick", "runs.compare"], ["runs.runs_table", "runs.pick", "runs.compare", "runs.detail",
                                                 "runs.timer"]
     ui.on(ui["runs.refresh"].click, refresh, ins, outs, api_name="list_runs", **LIGHT)
     ui.on(ui["runs.tab"].select, refresh, ins, outs, **LIGHT)
-    ui.on(ui["runs.timer"].tick, tick, ins, [o for o in outs if o != "runs.compare"], show_progress="hidden",
-          **LIGHT)
+    ui.on(ui["runs.timer"].tick, tick, ins, TICK_OUT, show_progress="hidden", **LIGHT)
 
     def clicked(v, event):
         run = runs_tab.clicked_run(event.row_value)
