@@ -209,7 +209,9 @@ def similarity(root: Path, v: Mapping[str, Any]) -> dict[str, Any]:
         fig, text = analysis_tab.subspace(root, a, b, None, "A")
     except gr.Error as e:
         return {"sweeps.compare_message": f"⚠ {e.message}"}
-    return {"analysis.run_a": a, "analysis.run_b": b, "analysis.heatmap": fig, "analysis.summary": text,
+    ids = exportable(root)  # the Analysis lists were filled when that tab last opened: offer these two too
+    return {"analysis.run_a": gr.update(choices=ids, value=a), "analysis.run_b": gr.update(choices=ids, value=b),
+            "analysis.heatmap": fig, "analysis.summary": text,
             "app.tabs": gr.Tabs(selected="tab-analysis"), "sweeps.compare_message": ""}
 
 
