@@ -214,11 +214,12 @@ def test_the_sweeps_tab_and_queue_controls_are_wired_with_their_ids(tmp_path):
 
 def test_compare_and_similarity_say_what_they_need_next_to_the_button(tmp_path, root, form):
     assert sweeps_tab.compare(root, {"sweeps.pick": None}) == {"sweeps.compare_message": "⚠ pick a sweep first"}
-    assert sweeps_tab.similarity(root, {"sweeps.run_a": None, "sweeps.run_b": None}) == {
+    assert sweeps_tab.similarity(root, {"sweeps.run_a": None, "sweeps.run_b": None, "analysis.which": "A"}) == {
         "sweeps.compare_message": "⚠ pick two members (press Compare to list them)"}
     sweeps_tab.start(root, {**form, **grid(("lora.r", "2,4")), "sweeps.name": "waiting"})
     out = sweeps_tab.compare(root, {"sweeps.pick": "waiting"})  # nothing trained yet: no adapter to compare
     assert out["sweeps.run_a"]["choices"] == [] and "needs two members" in out["sweeps.compare_message"]
     assert out["sweeps.curves"].data == ()  # the overlay of runs with no metrics yet: an empty chart
-    missing = sweeps_tab.similarity(root, {"sweeps.run_a": "no-such-run", "sweeps.run_b": "no-such-run"})
+    missing = sweeps_tab.similarity(root, {"sweeps.run_a": "no-such-run", "sweeps.run_b": "no-such-run",
+                                           "analysis.which": "A"})
     assert missing == {"sweeps.compare_message": f"⚠ no run 'no-such-run' in {root}"}

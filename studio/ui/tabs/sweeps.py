@@ -206,7 +206,7 @@ def similarity(root: Path, v: Mapping[str, Any]) -> dict[str, Any]:
     if not a or not b:
         return {"sweeps.compare_message": "⚠ pick two members (press Compare to list them)"}
     try:
-        fig, text = analysis_tab.subspace(root, a, b, None, "A")
+        fig, text = analysis_tab.subspace(root, a, b, None, v["analysis.which"])  # the factor that tab shows
     except gr.Error as e:
         return {"sweeps.compare_message": f"⚠ {e.message}"}
     ids = exportable(root)  # the Analysis lists were filled when that tab last opened: offer these two too
@@ -281,6 +281,6 @@ def wire(ui: Registry, root: Path, light: dict, heavy: dict) -> None:
           ["sweeps.curves", "sweeps.compare_message", "sweeps.run_a", "sweeps.run_b"], api_name="compare_sweep",
           **light)
     ui.on(ui["sweeps.similarity"].click, functools.partial(similarity, root),
-          ["sweeps.run_a", "sweeps.run_b"],
+          ["sweeps.run_a", "sweeps.run_b", "analysis.which"],
           ["analysis.run_a", "analysis.run_b", "analysis.heatmap", "analysis.summary", "app.tabs",
            "sweeps.compare_message"], api_name="sweep_similarity", **heavy)
