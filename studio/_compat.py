@@ -120,6 +120,21 @@ def gradio_queue(demo):
     return getattr(demo, "_queue", None)
 
 
+def gradio_launch_without_self_check() -> dict:
+    """`launch` keywords that skip gradio's request to its own page right after it starts serving.
+
+    Gradio 6 sends one HEAD to its local URL and exits ("When localhost is not accessible, a
+    shareable link must be created") at the first refused connection or after 3 s; on a loaded
+    machine its own server thread is often not listening yet, and the studio never shares a link.
+    The switch is the private `_frontend` parameter, used for that check alone; {} when it is gone.
+    """
+    import inspect
+
+    import gradio as gr
+
+    return {"_frontend": False} if "_frontend" in inspect.signature(gr.Blocks.launch).parameters else {}
+
+
 def gradio_app(scope):
     """The gradio `App` behind an ASGI scope, or None when the app is not gradio's (or changed).
 

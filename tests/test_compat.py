@@ -121,6 +121,18 @@ def test_excluded_module_marker():
 
 # --- gradio ---------------------------------------------------------------------------------
 
+def test_gradio_launch_self_check_switch():
+    import inspect
+
+    import gradio as gr
+
+    with touch("gradio", "Blocks.launch(_frontend=) (the start-up request to its own page)"):
+        assert _compat.gradio_launch_without_self_check() == {"_frontend": False}
+        source = inspect.getsource(gr.Blocks.launch)
+        # the switch guards the url_ok check and nothing else
+        assert source.count("_frontend") == 2 and "if _frontend and not networking.url_ok(" in source
+
+
 def test_gradio_queue_idle_poll_knobs():
     import gradio as gr
 

@@ -32,6 +32,7 @@ from studio.ui.tabs import model as model_tab
 from studio.ui.tabs import next_steps
 from studio.ui.tabs import playground as playground_tab
 from studio.ui.tabs import runs as runs_tab
+from studio.ui.tabs import sweeps as sweeps_tab
 from studio.ui.tabs import train as train_tab
 
 CSS = """
@@ -65,6 +66,8 @@ CSS = """
 .ev-examples td { vertical-align: top; white-space: pre-wrap; overflow-wrap: anywhere; padding: 3px 6px; }
 .ev-examples th:first-child { width: 2.5em; }
 .ev-hit { background: #dcfce7; } .ev-head { font-weight: 600; margin-bottom: 4px; }
+.rd .rs-err { white-space: pre-wrap; overflow-wrap: anywhere; } .rd-none { color: var(--body-text-color-subdued); }
+.sw-points { max-height: 200px; overflow: auto; font-size: 12px; } .sw-points td, .sw-points th { padding: 1px 12px 1px 0; }
 """
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)
 LIGHT = dict(concurrency_limit=None)
@@ -92,7 +95,8 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
                                       ("playground", "Playground", playground_tab.build),
                                       ("adapters", "Adapters", adapters_tab.build),
                                       ("evaluate", "Evaluate", evaluate_tab.build),
-                                      ("analysis", "Analysis", analysis_tab.build)):
+                                      ("analysis", "Analysis", analysis_tab.build),
+                                      ("sweeps", "Sweeps", sweeps_tab.build)):
                 with gr.Tab(label, id=f"tab-{tab}") as el:
                     ui.add(tab, tab=el, **vars(build(root)))
         ui.add("app", tabs=tabs)
@@ -106,6 +110,7 @@ def build_app(runs_dir: str | os.PathLike | None = None, model: str | None = Non
         _wire_adapters(ui, root)
         _wire_evaluate(ui, root)
         _wire_analysis(ui, root)
+        sweeps_tab.wire(ui, root, light=LIGHT, heavy=HEAVY)
         load = ui.on(demo.load, _on_page_load(root), ["model.state"], FILL_OUT + ("train.live",),
                      api_name="page_load", **LIGHT)
         load = ui.on(load.then, model_tab.recount, COUNT_IN, COUNT_OUT, **LIGHT)
@@ -271,17 +276,44 @@ def _gate(ui: Registry, root: Path, event):
 
 # --- runs ----------------------------------------------------------------------------------
 
+TICK_OUT = ("runs.runs_table", "runs.detail", "runs.timer")
+
+
 def _wire_runs(ui: Registry, root: Path):
     def refresh(v):
-        ids = runs_tab.run_ids(root)
+        rows = runs_tab.table(root)
+        ids = [r[0] for r in rows]
         pick, compare = v["runs.pick"], v["runs.compare"]
-        return {"runs.runs_table": runs_tab.table(root),
-                "runs.pick": gr.update(choices=ids, value=pick if pick in ids else None),
-                "runs.compare": gr.update(choices=ids, value=[i for i in (compare or []) if i in ids])}
+        pick = pick if pick in ids else None
+        return {"runs.runs_table": rows, "runs.pick": gr.update(choices=ids, value=pick),
+                "runs.compare": gr.update(choices=ids, value=[i for i in (compare or []) if i in ids]),
+                "runs.detail": runs_tab.detail(root, pick), "runs.timer": gr.Timer(active=runs_tab.busy(rows))}
 
-    ins, outs = ["runs.pick", "runs.compare"], ["runs.runs_table", "runs.pick", "runs.compare"]
+    def tick(v):
+        # The table and the details only: a tick sent before a row was clicked must not put the
+        # run picked before it back (a click sets the list's choices itself), and the overlay's
+        # choices stay as they are while its curves are drawn.
+        return {k: u for k, u in refresh(v).items() if k in TICK_OUT}
+
+    ins, outs = ["runs.pick", "runs.compare"], ["runs.runs_table", "runs.pick", "runs.compare", "runs.detail",
+                                                "runs.timer"]
     ui.on(ui["runs.refresh"].click, refresh, ins, outs, api_name="list_runs", **LIGHT)
     ui.on(ui["runs.tab"].select, refresh, ins, outs, **LIGHT)
+    ui.on(ui["runs.timer"].tick, tick, ins, TICK_OUT, show_progress="hidden", **LIGHT)
+
+    def clicked(v, event):
+        run = runs_tab.clicked_run(event.row_value)
+        return {"runs.pick": gr.update(choices=runs_tab.run_ids(root), value=run)} if run else {}
+
+    ui.on(ui["runs.runs_table"].select, clicked, [], ["runs.pick"], **LIGHT)
+    ui.on(ui["runs.pick"].change, lambda v: {"runs.detail": runs_tab.detail(root, v["runs.pick"])}, ["runs.pick"],
+          ["runs.detail"], show_progress="hidden", **LIGHT)
+    for name, act, api in (("runs.queue_cancel", lambda run: runs_tab.cancel(root, run), "queue_cancel"),
+                           ("runs.queue_up", lambda run: runs_tab.move(root, run, -1), "queue_up"),
+                           ("runs.queue_down", lambda run: runs_tab.move(root, run, 1), "queue_down")):
+        acted = ui.on(ui[name].click, lambda v, act=act: {"runs.message": act(v["runs.pick"])}, ["runs.pick"],
+                      ["runs.message"], api_name=api, **LIGHT)
+        ui.on(acted.then, refresh, ins, outs, **LIGHT)
     ui.on(ui["runs.compare"].change, lambda v: {"runs.overlay_plot": runs_tab.overlay(root, v["runs.compare"])},
           ["runs.compare"], ["runs.overlay_plot"], **LIGHT)
     resumed = ui.on(ui["runs.resume"].click, lambda v: {"runs.message": runs_tab.resume(root, v["runs.pick"])},
@@ -523,14 +555,15 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, r
     calm_queue(demo)
     # quiet: gradio's own start-up lines include "To create a public link, set `share=True`", an
     # invitation this studio never takes; it says where it serves itself, once launch has returned
-    # (gradio has then checked that its page answers).
+    # (its server thread is then listening).
     demo.launch(server_name=host, server_port=port, auth=creds, share=False, allowed_paths=[str(root)],
                 max_file_size=max_bytes, enable_monitoring=False, show_error=True,
                 prevent_thread_lock=True, quiet=True, css=CSS, footer_links=[],
                 # No call history kept in the browser or offered to sync to the Hub, no
                 # unauthenticated /openapi.json, and with auth nothing but the login page.
                 run_history=False, app_kwargs={"openapi_url": None, "middleware": [Middleware(LoginWall)],
-                                                 "routes": live.routes(root)})
+                                                 "routes": live.routes(root)},
+                **_compat.gradio_launch_without_self_check())
     if not quiet:
         print(serving_line(host, getattr(demo, "server_port", None) or port), flush=True)
     if not prevent_thread_lock:

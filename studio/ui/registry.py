@@ -56,18 +56,22 @@ class Registry:
         """`fn(values) -> {name: update}` as a gradio function over the components of those names.
 
         A generator is bound as a generator (each yield updates the outputs); `fn` with a
-        `progress` parameter gets gradio's progress tracker under that name.
+        `progress` parameter gets gradio's progress tracker under that name, and one with an
+        `event` parameter the event's gr.SelectData (which row of a table was clicked, ...).
         """
         in_names, out_names = list(inputs), list(outputs)
         for n in in_names + out_names:
             self[n]  # an unknown name fails here, when the app is built, not at the first click
-        wants_progress = "progress" in inspect.signature(fn).parameters
+        wanted = inspect.signature(fn).parameters
+        wants_event, wants_progress = "event" in wanted, "progress" in wanted
 
         def values_of(args: tuple) -> tuple[Values, dict]:
+            extra = {}
             if wants_progress:
-                args, progress = args[:-1], args[-1]
-                return Values(zip(in_names, args, strict=True)), {"progress": progress}
-            return Values(zip(in_names, args, strict=True)), {}
+                args, extra["progress"] = args[:-1], args[-1]
+            if wants_event:
+                args, extra["event"] = args[:-1], args[-1]
+            return Values(zip(in_names, args, strict=True)), extra
 
         def updates(out: Mapping[str, Any] | None) -> dict:
             out = {} if out is None else out
@@ -89,8 +93,12 @@ class Registry:
                 values, extra = values_of(args)
                 return updates(fn(values, **extra))
 
-        # gradio reads the signature for its arity check and to find where the tracker goes.
+        # gradio reads the signature for its arity check and to find where the tracker goes, and
+        # the annotations to find where the event data goes.
         params = [inspect.Parameter(f"in{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(len(in_names))]
+        if wants_event:
+            params.append(inspect.Parameter("event", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.SelectData))
+            call.__annotations__ = {"event": gr.SelectData}
         if wants_progress:
             params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                             default=gr.Progress()))

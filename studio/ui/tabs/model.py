@@ -431,8 +431,8 @@ def build(ui: Registry, ref: str = DEFAULT_MODEL, note: str = "") -> None:
     c["param_chart"] = gr.Plot(elem_id="param-chart", label="Trainable parameters")
     memory_panel.build(c, start)
     with gr.Accordion("Cost explorer: r × target sets, before downloading anything", open=False):
-        c["sweep_btn"] = gr.Button("Explore this model", elem_id="sweep-btn")
-        c["sweep_plot"] = gr.Plot(elem_id="sweep-plot", label="Adapter size by rank")
-        c["sweep_table"] = gr.Dataframe(elem_id="sweep-table", interactive=False, max_height=320)
+        c["sweep_btn"] = gr.Button("Explore this model", elem_id="cost-explore")
+        c["sweep_plot"] = gr.Plot(elem_id="cost-plot", label="Adapter size by rank")
+        c["sweep_table"] = gr.Dataframe(elem_id="cost-table", interactive=False, max_height=320)
     c["types_state"] = gr.State([])
     ui.add("model", **c)
