@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20, help="held-out examples per task")
     ap.add_argument("--max-steps", type=int, default=None, help="override the starter's steps")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--keep", default=None, help="train into this runs folder and keep it (default: a temporary one)")
     a = ap.parse_args()
 
     from bench.report import machine, write_section
@@ -50,7 +51,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="combine-") as tmp:
         tmp = Path(tmp)
-        runs = tmp / "runs"
+        runs = Path(a.keep) if a.keep else tmp / "runs"
         run_of = {}
         for task, data in (("profile-json", "profile-json.jsonl"), ("instructions", "instructions.jsonl")):
             cfg = starter_config(MODEL)
