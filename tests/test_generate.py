@@ -270,7 +270,7 @@ def test_errors_are_one_line(tmp_path, pg, cls_pg):
     assert "explore-only" in _one_line(e)
     with pytest.raises(PlaygroundError) as e:
         pg.classify(["x"])
-    assert "seq_cls" in _one_line(e)
+    assert "is a text model (causal_lm)" in _one_line(e) and "needs a classifier" in _one_line(e)
     with pytest.raises(PlaygroundError) as e:
         cls_pg.generate("x")
     assert "classify" in _one_line(e)
