@@ -273,7 +273,7 @@ def test_errors_are_one_line(tmp_path, pg, cls_pg):
     assert "is a text model (causal_lm)" in _one_line(e) and "needs a classifier" in _one_line(e)
     with pytest.raises(PlaygroundError) as e:
         cls_pg.generate("x")
-    assert "classify" in _one_line(e)
+    assert "is a classifier (seq_cls)" in _one_line(e) and "needs a text model" in _one_line(e)
     for bad in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(seed=-1), dict(template="x")):
         with pytest.raises(PlaygroundError) as e:
             pg.stream("x", **bad)  # raises at the call, before the first token
