@@ -111,6 +111,11 @@ def _set_number(page, elem_id, value):
 def test_a_completed_run_offers_next_steps_a_reload_mid_run_fills_the_form_and_export_picks_the_completed_run(
         server, page):
     url, runs = server
+    from studio.runs.manager import list_runs
+
+    # the session's server is shared: a run another file left training or queued would make this
+    # Start queue behind it, so wait until none is active
+    wait_until(lambda: not any(r["state"] in ("running", "queued", "stopping") for r in list_runs(runs)), timeout=600)
     _open(page, url)
     # a short run, completed while the page watches: the note and its buttons
     _tab(page, "Train")
