@@ -2,8 +2,10 @@
 
 `server` starts `python app.py` on a free 127.0.0.1 port with a temporary runs folder and stops it
 at the end; every tests/test_ui_browser*.py file shares it (one start-up, not one per file), so a
-file must not assume it is the only one that made runs there. Screenshots go to test-artifacts/
-(not committed).
+file must not assume it is the only one that made runs there. A test leaves no run behind it:
+after each test that uses the server, what is still queued leaves the queue and what still trains
+is killed (`no_run_left_behind`), so a failed walk cannot make the next file queue behind its run.
+Screenshots go to test-artifacts/ (not committed).
 """
 
 import os
@@ -59,6 +61,25 @@ def server(tmp_path_factory, free_port):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def stop_every_run(root: Path, timeout: float = 60) -> list[str]:
+    """Empty the queue of `root` and kill its training runs; returns the ids that were active."""
+    from studio.runs import manager, queue
+
+    active = [r["id"] for r in manager.list_runs(root) if r["state"] in manager.ACTIVE_STATES]
+    for run_id in active:
+        queue.stop(root / run_id, kill=True)
+    wait_until(lambda: not any(r["state"] in manager.ACTIVE_STATES for r in manager.list_runs(root)), timeout)
+    return active
+
+
+@pytest.fixture(autouse=True)
+def no_run_left_behind(request):
+    yield
+    if "server" in request.fixturenames:
+        _, root = request.getfixturevalue("server")
+        stop_every_run(root)
 
 
 @pytest.fixture(scope="session")

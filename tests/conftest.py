@@ -37,4 +37,4 @@ def free_port():
 
 
 # The browser tests' server and page, shared by every tests/test_ui_browser*.py file.
-from browser import page, server  # noqa: E402,F401
+from browser import no_run_left_behind, page, server  # noqa: E402,F401
