@@ -3,7 +3,7 @@
 `server` starts `python app.py` on a free 127.0.0.1 port with a temporary runs folder and stops it
 at the end; every tests/test_ui_browser*.py file shares it (one start-up, not one per file), so a
 file must not assume it is the only one that made runs there. A test leaves no run behind it:
-after each test that uses the server, what is still queued leaves the queue and what still trains
+after each browser test that uses the server, what is still queued leaves the queue and what still trains
 is killed (`no_run_left_behind`), so a failed walk cannot make the next file queue behind its run.
 Screenshots go to test-artifacts/ (not committed).
 """
@@ -77,7 +77,7 @@ def stop_every_run(root: Path, timeout: float = 60) -> list[str]:
 @pytest.fixture(autouse=True)
 def no_run_left_behind(request):
     yield
-    if "server" in request.fixturenames:
+    if request.node.get_closest_marker("browser") and "server" in request.fixturenames:
         _, root = request.getfixturevalue("server")
         stop_every_run(root)
 
