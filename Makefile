@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast lint bench chromium clean
+.PHONY: setup run test test-slow test-all test-fast lint bench chromium clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,17 @@ chromium:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# `test` (about 10 minutes): every test but the slow tier, with the browser walks. `test-slow`
+# (about 15 more): the tests marked slow, mostly trainer processes (each spends about 14 s of a
+# core importing torch, transformers and peft) killed, stopped, resumed, queued and limited.
+# CI runs both (`test-all`).
 test: $(STAMP) chromium
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow or browser" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow and not browser" $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not browser and not slow" $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """A locked-down server, tested against the app launched on 127.0.0.1.
 
-One server for the module: `studio.ui.app.launch` with --auth, a private runs folder and
+One server for the module (the `locked_server` fixture): `studio.ui.app.launch` with --auth, a private runs folder and
 gradio cache, and a 1 MB upload limit (STUDIO_MAX_UPLOAD_MB). Probes go over raw HTTP
 (http.client sends paths as written: no client-side normalisation of `..`). Plus unit-level
 checks of what launch() passes to gradio, of pickles never being loaded, of remote code never
@@ -42,7 +42,7 @@ PASSWD_LINE = Path("/etc/passwd").read_text().splitlines()[0]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, free_port):
+def locked_server(tmp_path_factory, free_port):
     tmp = tmp_path_factory.mktemp("secure")
     root, cache = tmp / "runs", tmp / "gradio-cache"
     root.mkdir()
@@ -106,8 +106,8 @@ def routes(route_list, prefix=""):
 # --- binding and launch settings --------------------------------------------------------------
 
 @pytest.mark.slow
-def test_default_bind_is_loopback_only(server):
-    port = server["port"]
+def test_default_bind_is_loopback_only(locked_server):
+    port = locked_server["port"]
     listening = [c.laddr for c in psutil.Process().net_connections("inet")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
@@ -197,25 +197,25 @@ OPEN = login_wall.OPEN_PATHS | {"/assets/{path:path}", "/static/{path:path}", "/
                                 "/pwa_icon", "/pwa_icon/{size}"}
 
 
-def fill(path: str, server) -> str:
-    values = {"path_or_url": str(server["root"] / "inside.txt"), "url_path": "http://127.0.0.1/x", "size": "192",
+def fill(path: str, locked_server) -> str:
+    values = {"path_or_url": str(locked_server["root"] / "inside.txt"), "url_path": "http://127.0.0.1/x", "size": "192",
               "component_id": "1", "path": "index.html"}
     return re.sub(r"\{([^}:]+)(:path)?\}", lambda m: values.get(m.group(1), "x"), path)
 
 
 @pytest.mark.slow
-def test_every_route_refuses_without_credentials(server):
-    port, app = server["port"], server["demo"].server_app
+def test_every_route_refuses_without_credentials(locked_server):
+    port, app = locked_server["port"], locked_server["demo"].server_app
     found = list(routes(app.routes))
     assert len(found) > 50 and ("/gradio_api/queue/join", "POST") in found  # the walk sees gradio's router
     for path, method in found:
         if path in OPEN:
             continue
-        status, _, text = request(port, method, fill(path, server), body="{}" if method == "POST" else None,
+        status, _, text = request(port, method, fill(path, locked_server), body="{}" if method == "POST" else None,
                                   headers={"Content-Type": "application/json"})
         assert status == 401, f"{method} {path} answered {status} without a login: {text[:200]}"
     # the ones named in the issue, with real arguments
-    inside = server["root"] / "inside.txt"
+    inside = locked_server["root"] / "inside.txt"
     for method, path in (("GET", "/config"), ("GET", "/gradio_api/info"), ("POST", "/gradio_api/queue/join"),
                          ("GET", f"/gradio_api/file={inside}"), ("POST", "/gradio_api/upload"),
                          ("GET", "/gradio_api/queue/data?session_hash=abc"), ("GET", "/gradio_api/heartbeat/abc"),
@@ -224,7 +224,7 @@ def test_every_route_refuses_without_credentials(server):
         status, _, text = request(port, method, path, body="{}" if method == "POST" else None)
         assert status in (401, 404) and "inside the runs folder" not in text, (method, path, status)
     # with the login cookie the same routes work (the probes above reached real handlers)
-    cookie = server["cookie"]
+    cookie = locked_server["cookie"]
     assert request(port, "GET", "/config", cookie=cookie)[0] == 200
     assert request(port, "GET", "/gradio_api/info", cookie=cookie)[0] == 200
     status, _, text = request(port, "GET", f"/gradio_api/file={inside}", cookie=cookie)
@@ -235,23 +235,23 @@ def test_every_route_refuses_without_credentials(server):
 
 
 @pytest.mark.slow
-def test_login_page_describes_nothing_of_the_app(server):
-    status, _, page = request(server["port"], "GET", "/")
+def test_login_page_describes_nothing_of_the_app(locked_server):
+    status, _, page = request(locked_server["port"], "GET", "/")
     assert status == 200 and '"auth_required":true' in page.replace(" ", "")
     assert "window.gradio_api_info = {};" in page
     for leak in ("start_training", "upload_dataset", "poll", "tiny-llama", "instructions.jsonl", str(ROOT),
-                 str(server["root"]), "train-start"):
+                 str(locked_server["root"]), "train-start"):
         assert leak not in page, f"the login page shows {leak!r}"
-    status, _, _ = request(server["port"], "POST", "/login", body="username=alice&password=wrong",
+    status, _, _ = request(locked_server["port"], "POST", "/login", body="username=alice&password=wrong",
                            headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 400
 
 
 @pytest.mark.slow
-def test_api_client_with_credentials_works_and_without_is_refused(server):
+def test_api_client_with_credentials_works_and_without_is_refused(locked_server):
     from gradio_client import Client
 
-    url = f"http://127.0.0.1:{server['port']}"
+    url = f"http://127.0.0.1:{locked_server['port']}"
     with pytest.raises(Exception):  # noqa: B017  (the client raises a version-dependent error type)
         Client(url, verbose=False)
     table, *_ = Client(url, auth=(USER, PASSWORD), verbose=False).predict(None, [], api_name="/list_runs")
@@ -259,7 +259,7 @@ def test_api_client_with_credentials_works_and_without_is_refused(server):
 
 
 @pytest.mark.browser
-def test_browser_login_then_the_studio(server):
+def test_browser_login_then_the_studio(locked_server):
     chromium = "/usr/bin/chromium"
     if not Path(chromium).exists():
         pytest.fail("Chromium is missing: `make test` installs it (apt-get install -y chromium)")
@@ -271,7 +271,7 @@ def test_browser_login_then_the_studio(server):
         try:
             page = browser.new_page()
             page.set_default_timeout(60_000)
-            page.goto(f"http://127.0.0.1:{server['port']}/")
+            page.goto(f"http://127.0.0.1:{locked_server['port']}/")
             page.locator("input[type=password]").wait_for()
             assert page.locator("#train-start").count() == 0
             page.locator("input[type=text]").first.fill(USER)
@@ -288,8 +288,8 @@ def test_browser_login_then_the_studio(server):
 
 # --- files -----------------------------------------------------------------------------------
 
-def traversal_probes(server) -> list[str]:
-    root, tmp = server["root"], server["tmp"]
+def traversal_probes(locked_server) -> list[str]:
+    root, tmp = locked_server["root"], locked_server["tmp"]
     up = "../" * 8
     return [
         "/gradio_api/file=/etc/passwd", f"/gradio_api/file={up}etc/passwd", f"/gradio_api/file={root}/{up}etc/passwd",
@@ -306,7 +306,7 @@ def traversal_probes(server) -> list[str]:
         "/gradio_api/file/etc/passwd", f"/gradio_api/file/{up}etc/passwd", "/gradio_api/file/%2e%2e/%2e%2e/etc/passwd",
         f"/gradio_api/file={root}/link-to-passwd", f"/gradio_api/file={root}/link-to-etc/passwd",
         f"/gradio_api/file={root}/link-to-secret.jsonl", f"/gradio_api/file={tmp}/secret.jsonl",
-        f"/gradio_api/file={root}/../secret.jsonl", f"/gradio_api/file={server['cache']}/../secret.jsonl",
+        f"/gradio_api/file={root}/../secret.jsonl", f"/gradio_api/file={locked_server['cache']}/../secret.jsonl",
         "/gradio_api/file=/proc/self/environ", "/gradio_api/file=/proc/self/cmdline",
         f"/gradio_api/file={ROOT}/pyproject.toml", "/gradio_api/file=pyproject.toml", "/gradio_api/file=app.py",
         f"/static/{up}etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
@@ -318,48 +318,48 @@ def traversal_probes(server) -> list[str]:
 
 
 @pytest.mark.slow
-def test_path_traversal_never_returns_a_file_outside_runs_and_cache(server):
-    port, cookie = server["port"], server["cookie"]
+def test_path_traversal_never_returns_a_file_outside_runs_and_cache(locked_server):
+    port, cookie = locked_server["port"], locked_server["cookie"]
     secret_env = os.environ.get("STUDIO_AUTH", "")
-    for path in traversal_probes(server):
+    for path in traversal_probes(locked_server):
         status, _, text = request(port, "GET", path, cookie=cookie)
         assert status != 200, f"{path} answered 200: {text[:120]}"
         assert PASSWD_LINE not in text and "root:x:0:0" not in text and SECRET not in text, path
         assert PASSWORD not in text and (not secret_env or secret_env not in text), path
     # positive controls: the runs folder and gradio's cache are served
-    status, _, text = request(port, "GET", f"/gradio_api/file={server['root']}/inside.txt", cookie=cookie)
+    status, _, text = request(port, "GET", f"/gradio_api/file={locked_server['root']}/inside.txt", cookie=cookie)
     assert status == 200 and text == "inside the runs folder\n"
-    [cached] = upload(server, "cached.txt", b"in the cache\n")
+    [cached] = upload(locked_server, "cached.txt", b"in the cache\n")
     status, _, text = request(port, "GET", f"/gradio_api/file={cached}", cookie=cookie)
     assert status == 200 and text == "in the cache\n"
 
 
-def upload(server, name: str, data: bytes) -> list[str]:
+def upload(locked_server, name: str, data: bytes) -> list[str]:
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    status, _, text = request(server["port"], "POST", "/gradio_api/upload", body=body, cookie=server["cookie"],
+    status, _, text = request(locked_server["port"], "POST", "/gradio_api/upload", body=body, cookie=locked_server["cookie"],
                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert status == 200, (status, text[:300])
     return json.loads(text)
 
 
 @pytest.mark.slow
-def test_uploads_over_the_limit_are_refused(server):
+def test_uploads_over_the_limit_are_refused(locked_server):
     boundary = uuid.uuid4().hex
     big = b'{"text": "' + b"x" * int(1.5 * 2**20) + b'"}\n'
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.jsonl\"\r\n\r\n"
             ).encode() + big + f"\r\n--{boundary}--\r\n".encode()
-    status, _, text = request(server["port"], "POST", "/gradio_api/upload", body=body, cookie=server["cookie"],
+    status, _, text = request(locked_server["port"], "POST", "/gradio_api/upload", body=body, cookie=locked_server["cookie"],
                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert status == 413 and "1048576" in text, (status, text[:200])
-    assert not list(server["cache"].rglob("big.jsonl"))
-    assert upload(server, "small.jsonl", b'{"text": "fits"}\n' * 1000)  # 17 kB: under the limit
+    assert not list(locked_server["cache"].rglob("big.jsonl"))
+    assert upload(locked_server, "small.jsonl", b'{"text": "fits"}\n' * 1000)  # 17 kB: under the limit
 
 
-def call_event(server, api_name: str, data: list) -> dict:
+def call_event(locked_server, api_name: str, data: list) -> dict:
     """Join the queue and read the result the way the page does (SSE), with the login cookie."""
-    port, cookie = server["port"], server["cookie"]
+    port, cookie = locked_server["port"], locked_server["cookie"]
     cfg = json.loads(request(port, "GET", "/config", cookie=cookie)[2])
     fn = next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == api_name)
     session = uuid.uuid4().hex[:12]
@@ -388,14 +388,14 @@ def file_data(path: str, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_upload_names_cannot_escape_the_upload_folder(server):
-    cache, root, tmp = server["cache"].resolve(), server["root"], server["tmp"]
+def test_upload_names_cannot_escape_the_upload_folder(locked_server):
+    cache, root, tmp = locked_server["cache"].resolve(), locked_server["root"], locked_server["tmp"]
     good = b'{"text": "hello"}\n{"text": "world"}\n'
     hostile = ["../../escape.jsonl", "..\\..\\escape2.jsonl", "/etc/cron.d/escape3.jsonl",
                "%2e%2e%2fescape4.jsonl", "....//....//escape5.jsonl", ".hidden.jsonl"]
     stored = {}
     for name in hostile:
-        [path] = upload(server, name, good)
+        [path] = upload(locked_server, name, good)
         p = Path(path).resolve()
         assert p.is_relative_to(cache) and p.is_file(), (name, path)
         stored[name] = path
@@ -403,14 +403,14 @@ def test_upload_names_cannot_escape_the_upload_folder(server):
     assert not Path("/etc/cron.d/escape3.jsonl").exists()
     # through the Data tab's upload event: kept under runs/uploads with a plain name
     for name, path in stored.items():
-        msg = call_event(server, "upload_dataset", [file_data(path, name)])
+        msg = call_event(locked_server, "upload_dataset", [file_data(path, name)])
         assert msg["success"], msg
     kept = sorted(p.name for p in (root / "uploads").iterdir())
     assert all("/" not in n and "\\" not in n and not n.startswith(".") for n in kept), kept
     assert all(p.resolve().parent == (root / "uploads").resolve() for p in (root / "uploads").iterdir())
     # a path the user did not upload is never taken in (no arbitrary file read through the event)
     for path in (str(tmp / "secret.jsonl"), "/etc/passwd", str(root / "link-to-secret.jsonl")):
-        msg = call_event(server, "upload_dataset", [file_data(path, "x.jsonl")])
+        msg = call_event(locked_server, "upload_dataset", [file_data(path, "x.jsonl")])
         assert not msg["success"], msg
     assert not any(SECRET in p.read_text() for p in (root / "uploads").iterdir())
 
@@ -613,8 +613,8 @@ def test_gradio_floor_excludes_releases_with_known_cves():
 
 
 @pytest.mark.slow
-def test_launch_calms_gradios_idle_queue_loop(server):
+def test_launch_calms_gradios_idle_queue_loop(locked_server):
     """launch() slows the queue's idle polling (1 ms -> 20 ms); if gradio renames the knobs, this says so."""
-    q = server["demo"]._queue
+    q = locked_server["demo"]._queue
     assert (q.sleep_when_free, q.progress_update_sleep_when_free) == (ui_app.QUEUE_IDLE_POLL_S,
                                                                      ui_app.QUEUE_PROGRESS_POLL_S)
