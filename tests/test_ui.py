@@ -1179,3 +1179,16 @@ def test_the_form_filled_from_a_run_is_that_runs_config(eval_root):
         train_tab.run_form(eval_root, "nope")
     with pytest.raises(gr.Error, match="no run None"):
         train_tab.run_form(eval_root, None)
+
+
+def test_a_chat_message_sent_while_an_answer_streams_waits_for_it_instead_of_being_dropped(tmp_path):
+    # gradio's default trigger mode ("once") ignores a Send while the previous answer still streams,
+    # leaving the message in the box; the next turn must go out once that answer ends, with its history
+    from studio.ui import app
+
+    demo = app.build_app(tmp_path)
+    box = _by_id(demo, "playground-chat-input")._id
+    send = _by_id(demo, "playground-send")._id
+    chat = [d for d in demo.fns.values() if {(send, "click"), (box, "submit")} & {tuple(t) for t in d.targets}]
+    assert len(chat) == 2 and {d.trigger_mode for d in chat} == {"always_last"}
+    assert next(d for d in demo.fns.values() if d.api_name == "chat") in chat

@@ -393,9 +393,12 @@ def _wire_playground(ui: Registry, root: Path):
     ui.on(ui["playground.prompt"].submit, functools.partial(playground_tab.generate, root), ins, outs, **slot)
     chat_in = [*pick, "playground.chat_input", "playground.system", "playground.chat_state", *sampling]
     chat_out = ["playground.chat_input", *chat_reset]
+    # A message sent while an answer still streams waits for it and then goes out with the whole
+    # history ("always_last"); gradio's default ("once") would drop it while the box still shows it.
+    turn = dict(slot, trigger_mode="always_last")
     ui.on(ui["playground.send"].click, functools.partial(playground_tab.send, root), chat_in, chat_out,
-          api_name="chat", **slot)
-    ui.on(ui["playground.chat_input"].submit, functools.partial(playground_tab.send, root), chat_in, chat_out, **slot)
+          api_name="chat", **turn)
+    ui.on(ui["playground.chat_input"].submit, functools.partial(playground_tab.send, root), chat_in, chat_out, **turn)
     ui.on(ui["playground.clear"].click, lambda v: playground_tab.empty_chat(), [], chat_reset, api_name="chat_clear",
           **LIGHT)
 
