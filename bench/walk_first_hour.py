@@ -21,7 +21,6 @@ import json
 import re
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,16 +34,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from browser import CHROMIUM, points, serving, wait_until  # noqa: E402
+from browser import CHROMIUM, free_port_number, points, serving, wait_until  # noqa: E402
 
 SHOTS = ROOT / "test-artifacts" / "walk"
 DATASET = ROOT / "studio" / "assets" / "datasets" / "profile-json.jsonl"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Walk:
@@ -222,7 +215,7 @@ def main():
     work = args.keep or Path(tempfile.mkdtemp(prefix="studio-walk-"))
     runs, cache = work / "runs", work / "cache"
     runs.mkdir(parents=True, exist_ok=True)
-    port = _port()
+    port = free_port_number()
     env = {k: v for k, v in os.environ.items() if k != "STUDIO_UI_MODEL"}
     env.update(STUDIO_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     os.environ["STUDIO_CACHE_DIR"] = str(cache)  # this process reads the converted model from the same cache

@@ -3,7 +3,7 @@
 `server` starts `python app.py` on a free 127.0.0.1 port with a temporary runs folder and stops it
 at the end; every tests/test_ui_browser*.py file shares it (one start-up, not one per file), so a
 file must not assume it is the only one that made runs there. A test leaves no run behind it:
-after each browser test that uses the server, what is still queued leaves the queue and what still trains
+after each test that uses the server, what is still queued leaves the queue and what still trains
 is killed (`no_run_left_behind`), so a failed walk cannot make the next file queue behind its run.
 Screenshots go to test-artifacts/ (not committed).
 """
@@ -20,6 +20,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port_number() -> int:
+    """A free TCP port on 127.0.0.1, where test servers bind."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def serving(proc, port, log_path, timeout=180) -> bool:
@@ -63,21 +70,20 @@ def server(tmp_path_factory, free_port):
     log.close()
 
 
-def stop_every_run(root: Path, timeout: float = 60) -> list[str]:
-    """Empty the queue of `root` and kill its training runs; returns the ids that were active."""
+def stop_every_run(root: Path, timeout: float = 60) -> None:
+    """Empty the queue of `root` and kill its training runs."""
     from studio.runs import manager, queue
 
     active = [r["id"] for r in manager.list_runs(root) if r["state"] in manager.ACTIVE_STATES]
     for run_id in active:
         queue.stop(root / run_id, kill=True)
     wait_until(lambda: not any(r["state"] in manager.ACTIVE_STATES for r in manager.list_runs(root)), timeout)
-    return active
 
 
 @pytest.fixture(autouse=True)
 def no_run_left_behind(request):
     yield
-    if request.node.get_closest_marker("browser") and "server" in request.fixturenames:
+    if "server" in request.fixturenames:
         _, root = request.getfixturevalue("server")
         stop_every_run(root)
 

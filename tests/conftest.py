@@ -1,7 +1,6 @@
 """Test setup: offline, a private cache for built-in models, quiet libraries."""
 
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -24,17 +23,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def free_port():
     """Returns a function that gives a free TCP port on 127.0.0.1, where test servers bind."""
-    return _free_port
+    return free_port_number
 
 
 # The browser tests' server and page, shared by every tests/test_ui_browser*.py file.
-from browser import no_run_left_behind, page, server  # noqa: E402,F401
+from browser import free_port_number, no_run_left_behind, page, server  # noqa: E402,F401
