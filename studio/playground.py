@@ -233,13 +233,14 @@ class Playground:
 
         if not self.has_adapter:
             raise PlaygroundError(self._no_adapter())
-        refs = list(refs)
-        if len(refs) > MAX_ADAPTERS:
-            raise PlaygroundError(f"{len(refs)} adapters picked; at most {MAX_ADAPTERS} are loaded beside the run's own")
         root = self.run_dir.parent if self.run_dir else None
         found = [library.resolve(r, root) for r in refs]
         paths = [str(Path(e.path).resolve()) for e in found]
         by_path = {str(Path(p).resolve()): n for n, p in self.adapters.items()}
+        beside = {p for p in paths if by_path.get(p) != "default"}  # the run's own is loaded already
+        if len(beside) > MAX_ADAPTERS:
+            raise PlaygroundError(f"{len(beside)} adapters picked beside the run's own; at most {MAX_ADAPTERS} "
+                                  "are loaded at once")
         missing = {p: e for p, e in zip(paths, found) if p not in by_path}
         spare = [n for n, p in self.adapters.items() if n != "default" and str(Path(p).resolve()) not in paths]
         while spare and len(self.adapters) - 1 + len(missing) > MAX_ADAPTERS:

@@ -103,6 +103,16 @@ def test_load_adapters_reuses_what_is_loaded_and_drops_unasked_ones_only_for_roo
         pg.remove_adapter("default")
 
 
+def test_the_runs_own_adapter_named_among_the_picked_does_not_take_a_place(setup, tmp_path):
+    pg, run, others = setup
+    extra = [_adapter(tmp_path / f"x{k}", seed=20 + k) for k in range(pgm.MAX_ADAPTERS + 1)]
+    names = pg.load_adapters([str(run), *map(str, extra[: pgm.MAX_ADAPTERS])])
+    assert names[0] == "default" and len(set(names)) == 1 + pgm.MAX_ADAPTERS
+    with pytest.raises(PlaygroundError, match=rf"{pgm.MAX_ADAPTERS + 1} adapters picked beside the run's own; "
+                                              rf"at most {pgm.MAX_ADAPTERS}"):
+        pg.load_adapters([str(run), *map(str, extra)])
+
+
 def test_chat_answers_each_columns_own_conversation_with_the_system_prompt_first(setup):
     pg, _, _ = setup
     convs = {"base": [{"role": "user", "content": "Hi"}],
