@@ -42,6 +42,9 @@ def adapter(ref: str, folder: Path, seed: int) -> Path:
 
 
 def first_token_s(pg: Playground, name, repeats: int) -> float:
+    """Median seconds to the first token of `name`, each time switched to from base; one untimed
+    generation first, so neither side pays the process's first-call costs."""
+    next(iter(pg.stream(PROMPT, adapter=name, max_new_tokens=1, temperature=0.0)))
     times = []
     for _ in range(repeats):
         pg._set_adapter(None)  # every measure starts from another mode, so it includes the switch

@@ -33,7 +33,7 @@ def write_section(heading: str, section: str) -> None:
     text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
     pattern = re.compile(rf"^## {re.escape(heading)}\b.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)  # a blank line before the next
     else:
         text = text.rstrip("\n") + "\n\n" + section
     DOCS.parent.mkdir(parents=True, exist_ok=True)

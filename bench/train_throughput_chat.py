@@ -150,6 +150,26 @@ def matmul_weights(model_ref: str) -> int:
     return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
 
 
+def label_share(cfg: RunConfig) -> tuple[int, int]:
+    """(positions whose next token carries a label, positions) over the packed train split: the
+    positions where the studio computes the output head, of all the plain script computes."""
+    from studio.data.prepare import build_datasets
+    from studio.models import load_tokenizer
+
+    train = build_datasets(cfg, load_tokenizer(cfg.model.name_or_path)).train
+    labelled = positions = 0
+    for row in train["labels"]:
+        labelled += sum(t != -100 for t in row[1:])
+        positions += len(row) - 1
+    return labelled, positions
+
+
+def head_weights(model_ref: str) -> int:
+    from studio.models import load_model
+
+    return load_model(model_ref).get_output_embeddings().weight.numel()
+
+
 def run_chat(a, env: dict, threads: int, work: Path) -> None:
     from train_throughput import matmul_peak
 
@@ -172,6 +192,10 @@ def run_chat(a, env: dict, threads: int, work: Path) -> None:
     rel = max(abs(s - p) / abs(p) for s, p in pairs)
     peak, n_base = max(peak0, matmul_peak()), matmul_weights(MODEL)  # the better of before and after
     fpt = 4 * n_base + 6 * studio[0]["trainable"]
+    labelled, positions = label_share(cfg)
+    n_head = head_weights(MODEL)
+    # the most the head's skipped positions can save: its forward and input-gradient FLOPs there
+    ceiling = fpt / (fpt - 4 * n_head * (1 - labelled / positions))
     res = {"date": datetime.date.today().isoformat(), "machine": machine(), "threads": threads,
            "steps": a.steps, "repeats": a.repeats, "batch": a.batch, "max_length": a.max_length,
            "tokens_per_run": tokens, "studio_runtime_s": [r["train_runtime"] for r in studio],
@@ -183,7 +207,8 @@ def run_chat(a, env: dict, threads: int, work: Path) -> None:
            "n_lora": studio[0]["trainable"], "flops_per_token": fpt, "mfu": tokens / s_best * fpt / peak,
            "fp32_peak_rss_mb": studio[0]["peak_rss_mb"], "plain_peak_rss_mb": plain[0]["peak_rss_mb"],
            "q4_steps": a.steps_4bit, "q4_tokens_per_s": q4["tokens"] / q4["train_runtime"],
-           "q4_peak_rss_mb": q4["peak_rss_mb"], "load_average": os.getloadavg()[0]}
+           "q4_peak_rss_mb": q4["peak_rss_mb"], "load_average": os.getloadavg()[0],
+           "labelled_positions": labelled, "positions": positions, "n_head": n_head, "flops_ceiling": ceiling}
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
     section = markdown(res)
@@ -195,14 +220,17 @@ def run_chat(a, env: dict, threads: int, work: Path) -> None:
 def markdown(r: dict) -> str:
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
     ok = "below" if r["loss_max_rel_diff"] < LOSS_RTOL else "NOT below"
+    quiet = ("nothing else ran on the machine" if r["load_average"] < 1.5
+             else "the machine was shared with other work")
+    share = r["labelled_positions"] / r["positions"]
     return f"""## Training throughput: SmolLM2 chat
 
 `bench/train_throughput.py --case smollm2-chat`: smollm2-135m-instruct on profile-json (chat,
 packed blocks of {r['max_length']} tokens, loss on the assistant's replies only), LoRA r=8 on
 q/k/v/o_proj, micro-batch {r['batch']}, fp32 on CPU, {r['steps']} steps a run, {r['repeats']} runs a side
 alternating, {r['threads']} torch thread(s). Measured {r['date']} on {r['machine']} (AVX-512, no
-GPU); the machine is shared with other work and was not quiet (1-minute load average
-{r['load_average']:.1f} at the end), so the fastest run of each side is the figure.
+GPU); {quiet} (1-minute load average {r['load_average']:.1f} at the end); the fastest run of each
+side is the figure.
 
 | measure | value |
 | --- | --- |
@@ -220,8 +248,15 @@ GPU); the machine is shared with other work and was not quiet (1-minute load ave
 | 4-bit (NF4, double quantization), studio tokens/s ({r['q4_steps']} steps) / peak resident memory | {r['q4_tokens_per_s']:,.0f} / {r['q4_peak_rss_mb'] / 1024:.2f} GB |
 
 The studio's lead comes from computing the output head (49,152 x 576, tied to the embeddings)
-and the loss only at the labelled positions (studio/runs/loss.py); the losses agree. 4-bit is slow
-on a CPU: bitsandbytes dequantizes each weight for every matmul. Peak memory is the whole
-process (Python, torch, the data). Re-run: `python bench/train_throughput.py --case smollm2-chat
+and the loss only at the labelled positions (studio/runs/loss.py); the losses agree. That lead is
+bounded by the data: {100 * share:.0f}% of the positions carry a label ({r['labelled_positions']:,} of
+{r['positions']:,} in the packed train split) and the head is {100 * r['n_head'] / r['n_base']:.0f}% of the
+matmul weights, so skipping it at the other {100 * (1 - share):.0f}% saves at most
+{r['flops_ceiling']:.2f}x in FLOPs (plus the float32 logits of those positions); a dataset with longer
+prompts gains more, one trained on every token nothing. MFU counts model FLOPs, the head at every
+position, so the positions skipped count as work done. 4-bit ran at
+{r['q4_tokens_per_s'] / r['studio_tokens_per_s']:.2f}x fp32's tokens/s (bitsandbytes dequantizes each weight
+for every matmul); at 135M parameters the weights are a small part of the process, so its peak
+memory is not below fp32's. Peak memory is the whole process (Python, torch, the data). Re-run: `python bench/train_throughput.py --case smollm2-chat
 --steps {r['steps']} --repeats {r['repeats']} --threads {r['threads']}` (rewrites this section only).
 """
