@@ -14,7 +14,8 @@ from a `torch.Generator` seeded per call: the same seed gives the same text. Pro
 training text (`alpaca_prompt`, `chat_prompt`, the trainer's BOS rule); `chat` renders each
 column's own conversation (they differ once the replies do) with the chat template, a system
 prompt first. Other adapters of the same base are PEFT's named adapters on the one model
-(`add_adapter`, `load_adapters`), switched per step like the base, never re-read. Classification runs get
+(`add_adapter`, `load_adapters`), switched per step like the base (PEFT's per-layer set_adapter over
+layers found once: studio.adapters.switch), never re-read. Classification runs get
 `classify` and `eval_sample` (the eval split of `build_datasets`). Nothing here prints.
 """
 
@@ -32,6 +33,7 @@ import torch
 
 from studio import runs
 from studio.adapters.file import AdapterFile, present
+from studio.adapters.switch import AdapterSwitch
 from studio.config import RunConfig, load_config
 from studio.data.prepare import PadCollator, alpaca_prompt, build_datasets, chat_prompt, load_records
 from studio.errors import PlaygroundError, StudioError
@@ -70,6 +72,7 @@ class Playground:
         # Named adapters loaded on the one base: "default" is the run's own; add_adapter loads more.
         self.adapters: dict[str, str] = {"default": str(adapter_source_path)} if has_adapter else {}
         self._active = "default" if has_adapter else None
+        self._switch: AdapterSwitch | None = None  # found on the first switch, again after a load or delete
         self._eval = None
         bos = tokenizer.bos_token_id
         # The trainer's rule (data._CausalEncoder): BOS only when the tokenizer itself adds one.
@@ -219,6 +222,7 @@ class Playground:
         with self._lock:
             try:
                 self.model.load_adapter(entry.path, adapter_name=_peft_name(name), is_trainable=False)
+                self._switch = None
             except (ValueError, OSError, RuntimeError, KeyError) as e:
                 raise PlaygroundError(f"cannot load the adapter {entry.path} on {self.ref}: {_first_line(e)}") from None
             self._set_adapter(self._active)  # load_adapter may leave another adapter active
@@ -261,6 +265,7 @@ class Playground:
             if self._active == name:
                 self._set_adapter("default")
             self.model.delete_adapter(_peft_name(name))
+            self._switch = None
         del self.adapters[name]
 
     def select(self, adapter) -> None:
@@ -433,7 +438,9 @@ class Playground:
                 self._adapter_on = False
             return
         if mode != self._active:
-            self.model.set_adapter(_peft_name(mode))
+            if self._switch is None:
+                self._switch = AdapterSwitch(self.model)
+            self._switch.use(_peft_name(mode))
             self._active = mode
         if not self._adapter_on:
             base.enable_adapter_layers()

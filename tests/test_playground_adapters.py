@@ -67,6 +67,33 @@ def test_each_loaded_adapter_gives_its_own_logits_and_switching_reads_nothing(se
     assert reads == []
 
 
+def test_a_switch_leaves_the_state_pefts_own_set_adapter_leaves_with_nothing_trainable(setup, tmp_path):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pg, run, others = setup
+    pg.add_adapter(str(others["two"]))
+    # an adapter with other targets adds LoRA layers: the switch finds them after the load
+    wide = pg.add_adapter(str(_adapter(tmp_path / "wide", seed=5, targets=("k_proj", "o_proj"))), name="wide")
+    text = "Name a colour."
+    ids = torch.tensor([pg.encode(pg.format_prompt(text, "none"))])
+
+    def state():
+        return [(type(m).__name__, tuple(m.active_adapters)) for m in pg.model.modules() if isinstance(m, BaseTunerLayer)]
+    try:
+        for name in ("two", wide, "default", wide):
+            got = pg.logits(text, adapter=name)
+            ours = state()
+            pg.model.set_adapter(pgm._peft_name(name), inference_mode=True)
+            assert state() == ours and pg.model.active_adapter == pgm._peft_name(name)
+            assert len({m for m, _ in ours}) and any(a == (pgm._peft_name(name),) for _, a in ours)
+            assert not any(p.requires_grad for p in pg.model.parameters())
+            with torch.no_grad():
+                assert torch.allclose(got, pg.model(input_ids=ids).logits[0].float(), atol=1e-6)
+        assert torch.allclose(pg.logits(text, adapter=wide), _alone(tmp_path / "wide", ids), atol=1e-5)
+    finally:
+        pg.remove_adapter(wide)
+
+
 def test_compare_streams_the_base_and_every_adapter_side_by_side(setup):
     pg, _, others = setup
     pg.add_adapter(str(others["two"]))
