@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # `test` (about 10 minutes): every test but the slow tier, with the browser walks. `test-slow`
-# (about 15 more): the tests marked slow, mostly trainer processes (each spends about 14 s of a
+# (about 17 more): the tests marked slow, mostly trainer processes (each spends about 14 s of a
 # core importing torch, transformers and peft) killed, stopped, resumed, queued and limited.
 # CI runs both (`test-all`).
 test: $(STAMP) chromium

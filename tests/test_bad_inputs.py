@@ -163,7 +163,8 @@ def train_values(learning_rate=2e-3, max_steps=5, lr_scheduler_type="cosine"):
     return {"train.learning_rate": learning_rate, "train.max_steps": max_steps, "train.num_train_epochs": 1,
             "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1,
             "train.lr_scheduler_type": lr_scheduler_type, "train.warmup_ratio": 0.0, "train.eval_steps": 5,
-            "train.save_steps": 5, "train.seed": 0}
+            "train.save_steps": 5, "train.seed": 0, "train.gradient_checkpointing": False, "train.precision": "auto",
+            "train.optim": "adamw", "train.quantization": "none"}
 
 
 def form(state, lora, data, train):

@@ -686,6 +686,46 @@ def test_start_is_disabled_with_the_numbers_when_the_run_will_not_fit(tmp_path, 
     assert view["train.train_start"]["interactive"] is False and "will not fit" in view["train.start_reason"]
 
 
+def test_the_memory_switches_reach_the_run_config_and_come_back_from_it(tmp_path):
+    from studio.config import load_config
+    from studio.runs.rundir import RunDir
+
+    form = train_tab.form_for("tiny-llama", quantization="4bit", gradient_checkpointing=True, precision="fp32",
+                              optim="adamw_8bit")
+    cfg = train_tab.build_config(form)
+    assert (cfg.model.quantization, cfg.train.gradient_checkpointing, cfg.train.precision, cfg.train.optim) == \
+           ("4bit", True, "fp32", "adamw_8bit")
+    assert train_tab.refusal(form) is None  # bitsandbytes trains 4-bit on CPU
+    run = RunDir.of(tmp_path, "20260101-000000-qlora").path
+    run.mkdir(parents=True)
+    cfg.save(run / "config.yaml")
+    assert load_config(run / "config.yaml").model.quantization == "4bit"
+    back = train_tab.run_form(tmp_path, run.name)
+    assert {k: back[k] for k in ("train.quantization", "train.gradient_checkpointing", "train.precision",
+                                 "train.optim")} == {"train.quantization": "4bit", "train.gradient_checkpointing": True,
+                                                     "train.precision": "fp32", "train.optim": "adamw_8bit"}
+    # a model pick starts from its starter settings again
+    assert train_tab.model_settings("tiny-llama", "causal_lm")["train.quantization"] == "none"
+
+
+def test_fp16_on_a_cpu_disables_start_with_the_reason(tmp_path):
+    form = train_tab.form_for("tiny-llama", precision="fp16")
+    view = train_tab.phase_view(tmp_path / "runs", {**form, "train.live": None})
+    assert view["train.train_start"]["interactive"] is False
+    assert "train.precision fp16 needs a CUDA GPU" in html.unescape(view["train.start_reason"])
+
+
+@pytest.mark.parametrize("name, value, want", [
+    ("train.quantization", "4bit", "4bit"), ("train.precision", "auto", "bf16"), ("train.precision", "fp32", "fp32"),
+    ("train.gradient_checkpointing", True, True), ("train.optim", "adamw_8bit", "adamw_8bit"),
+    ("train.per_device_train_batch_size", 4.0, 4), ("train.per_device_train_batch_size", 1000, 256),
+    ("data.max_length", 4, 8), ("data.max_length", 1024, 1024), ("data.max_length", None, None)])
+def test_the_estimate_follows_the_runs_settings(name, value, want):
+    target = memory_panel.FOLLOWS[name]
+    assert memory_panel.follow(name, value) == ({} if want is None else {target: want})
+    assert target in memory_panel.MEMORY_FORM
+
+
 # --- Export tab: GGUF and merged downloads ---------------------------------------------------
 
 from pathlib import Path  # noqa: E402  (the export tests' own import, kept with them)

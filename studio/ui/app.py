@@ -28,6 +28,7 @@ from studio.ui.tabs import analysis as analysis_tab
 from studio.ui.tabs import data as data_tab
 from studio.ui.tabs import evaluate as evaluate_tab
 from studio.ui.tabs import export as export_tab
+from studio.ui.tabs import memory_panel
 from studio.ui.tabs import model as model_tab
 from studio.ui.tabs import next_steps
 from studio.ui.tabs import playground as playground_tab
@@ -205,6 +206,12 @@ def _wire_model(ui: Registry, root: Path):
             _recount_on(ui, root, ui[name].change)
     for name in model_tab.MEMORY_FORM:  # the estimate's own inputs: nothing a run is started with
         ui.on(ui[name].change, model_tab.recount, COUNT_IN, COUNT_OUT, **LIGHT)
+    for name, target in memory_panel.FOLLOWS.items():  # ... that follow the run's settings
+        ui.on(ui[name].change, functools.partial(_follow, name), [name], [target], **LIGHT)
+
+
+def _follow(name: str, v) -> dict:
+    return memory_panel.follow(name, v[name])
 
 
 def _recount_on(ui: Registry, root: Path, event):

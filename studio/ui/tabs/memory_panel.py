@@ -1,8 +1,10 @@
 """The Model tab's memory panel: will the selection train on a GPU of a given size?
 
 The training-memory estimate (studio.models.memory) for the ticked modules and LoRA settings,
-as a total with its parts, a stacked bar and a "fits on" row; its inputs are its own widgets
-(nothing a run is started with), registered under "model.NAME" beside the Model tab's.
+as a total with its parts, a stacked bar and a "fits on" row. Its inputs are its own widgets,
+registered under "model.NAME" beside the Model tab's: they follow the run's settings (micro-batch,
+max_length, quantization, precision, optimizer, checkpointing on the Train and Data tabs) whenever
+those change, and can be moved on their own to explore other sizes without touching the run.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ if TYPE_CHECKING:
 MEMORY_FORM = ("model.mem_batch", "model.mem_seq", "model.mem_quant", "model.mem_precision",
                "model.mem_checkpointing", "model.mem_optim", "model.mem_gpu")
 MEMORY_OUT = ("model.memory_total", "model.memory_chart", "model.memory_fits")
+# The run's settings the estimate follows, and the panel's input each one moves.
+FOLLOWS = {"train.per_device_train_batch_size": "model.mem_batch", "data.max_length": "model.mem_seq",
+           "train.quantization": "model.mem_quant", "train.precision": "model.mem_precision",
+           "train.gradient_checkpointing": "model.mem_checkpointing", "train.optim": "model.mem_optim"}
+BATCH_RANGE, SEQ_RANGE = (1, 256), (8, 32768)
 
 MEMORY_HELP = (f"Estimate for training on a CUDA GPU, GB = 2^30 bytes. Fits = estimate + the CUDA context "
                f"({memory.CUDA_CONTEXT_BYTES / memory.GIB:g} GB allowed) + the loss's transient logits gradients; "
@@ -45,6 +52,24 @@ class MemoryView:
     batch: int
     seq: int
     largest_batch: int  # on the chosen GPU at `seq` tokens; 0: not even one
+
+
+def follow(name: str, value: Any) -> dict[str, Any]:
+    """The panel input's update for run setting `name` (a FOLLOWS key) now at `value`: precision
+    auto is bf16, as on a GPU that supports it; sizes are kept within the sliders' ranges; a value
+    that is not a number yet (a box being typed into) moves nothing."""
+    target = FOLLOWS[name]
+    if name == "train.precision":
+        value = "bf16" if value == "auto" else value
+    elif name in ("train.per_device_train_batch_size", "data.max_length"):
+        lo, hi = BATCH_RANGE if target == "model.mem_batch" else SEQ_RANGE
+        try:
+            value = min(max(int(value), lo), hi)
+        except (TypeError, ValueError):
+            return {}
+    elif name == "train.gradient_checkpointing":
+        value = bool(value)
+    return {target: value}
 
 
 def memory_options(v: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,10 +164,10 @@ def build(c: dict, start: RunConfig) -> None:
     with gr.Group(elem_id="memory-estimate"):
         gr.Markdown("**Training memory: will it fit?**")
         with gr.Row():
-            c["mem_batch"] = gr.Slider(1, 256, value=start.train.per_device_train_batch_size, step=1,
+            c["mem_batch"] = gr.Slider(*BATCH_RANGE, value=start.train.per_device_train_batch_size, step=1,
                                        label="micro-batch", elem_id="memory-batch",
                                        info="rows per step (train.per_device_train_batch_size)")
-            c["mem_seq"] = gr.Slider(8, 32768, value=start.data.max_length, step=8, label="sequence length",
+            c["mem_seq"] = gr.Slider(*SEQ_RANGE, value=start.data.max_length, step=8, label="sequence length",
                                      elem_id="memory-seq", info="tokens per row (data.max_length)")
             c["mem_gpu"] = gr.Dropdown([(f"{g} GB", g) for g in memory.GPU_SIZES_GB], value=24, label="GPU",
                                        elem_id="memory-gpu", info="for the largest micro-batch that fits")

@@ -19,9 +19,13 @@ import gradio as gr
 
 from studio import runs
 from studio.config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    QUANTIZATIONS,
     SCHEDULERS,
     DataConfig,
     LoraSettings,
+    ModelConfig,
     RunConfig,
     TrainConfig,
     field_help,
@@ -40,8 +44,10 @@ TRAIN_HELP = field_help(TrainConfig)
 FINAL = set(runs.FINAL_STATES)
 # TrainConfig fields with a widget, each registered as "train.<field>".
 TRAIN_FIELDS = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "eval_steps", "save_steps", "seed")
-TRAIN_FORM = tuple(f"train.{f}" for f in TRAIN_FIELDS)
+                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "eval_steps", "save_steps", "seed",
+                "gradient_checkpointing", "precision", "optim")
+# model.quantization is set beside the other memory switches, so its widget is this tab's: "train.quantization".
+TRAIN_FORM = tuple(f"train.{f}" for f in TRAIN_FIELDS) + ("train.quantization",)
 # Every value a run is made from, across the Model, Data and Train tabs.
 FORM = model_tab.LORA_FORM + data_tab.DATA_FORM + TRAIN_FORM
 # What picking a model sets (`model_settings`).
@@ -50,8 +56,9 @@ SETTINGS_FORM = (tuple(model_tab.lora_values(LoraSettings())) + tuple(data_tab.d
 TRAINING = "a run is training: Start queues this one behind it (it starts when the slot is free)"
 
 
-def train_values(t: TrainConfig) -> dict[str, Any]:
-    return {f"train.{f}": getattr(t, f) for f in TRAIN_FIELDS}
+def train_values(t: TrainConfig, quantization: str = "none") -> dict[str, Any]:
+    """The TRAIN_FORM values of `t`, with the base's quantization (a ModelConfig field)."""
+    return {**{f"train.{f}": getattr(t, f) for f in TRAIN_FIELDS}, "train.quantization": quantization}
 
 
 def train_config(v: Mapping[str, Any], base: TrainConfig) -> TrainConfig:
@@ -59,7 +66,7 @@ def train_config(v: Mapping[str, Any], base: TrainConfig) -> TrainConfig:
     kw = {}
     for f in TRAIN_FIELDS:
         value, kind = v[f"train.{f}"], type(getattr(base, f))
-        kw[f] = value if kind is str else kind(_num(value, f))
+        kw[f] = value if kind is str else bool(value) if kind is bool else kind(_num(value, f))
     return dataclasses.replace(base, **kw)
 
 
@@ -76,8 +83,8 @@ def model_settings(ref: str, task: str) -> dict[str, Any]:
     cfg = starter_config(ref)
     named = cfg.data.path != DataConfig().path
     dataset = data_tab.dataset_value(cfg.data.path) if named else data_tab.default_dataset(task)
-    return {**model_tab.lora_values(cfg.lora), **data_tab.data_values(cfg.data), **train_values(cfg.train),
-            "model.task": task, "data.dataset_select": dataset}
+    return {**model_tab.lora_values(cfg.lora), **data_tab.data_values(cfg.data),
+            **train_values(cfg.train, cfg.model.quantization), "model.task": task, "data.dataset_select": dataset}
 
 
 def settings_after_pick(shown: dict | None, state: dict, dataset: str | None,
@@ -139,7 +146,8 @@ def run_form(runs_dir: Path, run: str | None) -> dict[str, Any]:
         raise gr.Error(str(e), print_exception=False) from None
     m = cfg.model
     loaded = model_tab.load_view(m.name_or_path, m.task, m.trust_remote_code, ticked=cfg.lora)
-    return {**loaded, **model_tab.lora_values(cfg.lora), **data_tab.data_values(cfg.data), **train_values(cfg.train),
+    return {**loaded, **model_tab.lora_values(cfg.lora), **data_tab.data_values(cfg.data),
+            **train_values(cfg.train, m.quantization),
             "model.model_select": m.name_or_path, "model.task": m.task, "model.trust_remote_code": m.trust_remote_code,
             "model.message": "", "data.dataset_select": data_tab.dataset_value(cfg.data.path),
             "train.form_note": f"The form shows the settings of <b>{html.escape(run)}</b> (its {runs.CONFIG})."}
@@ -156,7 +164,8 @@ def build_config(v: Mapping[str, Any]) -> RunConfig:
     base = starter_config(sel.ref)
     cfg = RunConfig(
         model=dataclasses.replace(base.model, name_or_path=sel.ref, task=sel.task,
-                                  trust_remote_code=bool(state.get("trust_remote_code"))),
+                                  trust_remote_code=bool(state.get("trust_remote_code")),
+                                  quantization=v["train.quantization"]),
         data=data_tab.data_config(v, base.data), lora=sel.settings, train=train_config(v, base.train))
     return cfg.validate()
 
@@ -260,8 +269,8 @@ def stop(root: Path, v: Mapping[str, Any]) -> None:
 
 
 def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
-    t = starter_config(ref).train
-    help_ = TRAIN_HELP
+    start = starter_config(ref)
+    t, help_ = start.train, TRAIN_HELP
     c = {}
     with gr.Row():
         c["learning_rate"] = gr.Number(t.learning_rate, label="learning_rate", info=help_["learning_rate"])
@@ -283,6 +292,16 @@ def build(ui: Registry, ref: str = model_tab.DEFAULT_MODEL) -> None:
         c["eval_steps"] = gr.Number(t.eval_steps, precision=0, label="eval_steps", info=help_["eval_steps"])
         c["save_steps"] = gr.Number(t.save_steps, precision=0, label="save_steps", info=help_["save_steps"])
         c["seed"] = gr.Number(t.seed, precision=0, label="seed", info=help_["seed"], elem_id="train-seed")
+    with gr.Row(elem_id="train-memory"):  # what makes a big model fit: the Model tab's estimate follows these
+        c["quantization"] = gr.Radio(list(QUANTIZATIONS), value=start.model.quantization,
+                                     label="model.quantization", info=field_help(ModelConfig)["quantization"],
+                                     elem_id="train-quantization")
+        c["gradient_checkpointing"] = gr.Checkbox(t.gradient_checkpointing, label="gradient_checkpointing",
+                                                  info=help_["gradient_checkpointing"], elem_id="train-checkpointing")
+        c["precision"] = gr.Radio(list(PRECISIONS), value=t.precision, label="precision", info=help_["precision"],
+                                  elem_id="train-precision")
+        c["optim"] = gr.Radio(list(OPTIMIZERS), value=t.optim, label="optim", info=help_["optim"],
+                              elem_id="train-optim")
     with gr.Row():
         c["train_start"] = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
         c["train_stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
