@@ -1,11 +1,12 @@
-"""What the benchmark scripts share: the machine they ran on, and their own section of
-docs/benchmarks.md, rewritten in place (the other sections are left alone)."""
+"""What the benchmark scripts share: the machine they ran on, its fp32 matmul peak, and their own
+section of docs/benchmarks.md, rewritten in place (the other sections are left alone)."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -40,3 +41,19 @@ def write_section(heading: str, section: str) -> None:
     tmp = DOCS.with_name(f".{DOCS.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, DOCS)
+
+
+def matmul_peak(n: int = 1024, seconds: float = 3.0) -> float:
+    """Best fp32 matmul rate (FLOP/s) over repeated n x n products at the current thread count."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        torch.matmul(a, b)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(5):
+            torch.matmul(a, b)
+        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t))
+    return best

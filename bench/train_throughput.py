@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import machine, write_section  # bench/report.py
+from report import machine, matmul_peak, write_section  # bench/report.py
 
 from studio import runs
 from studio.config import RunConfig, load_config
@@ -219,20 +219,6 @@ def bookkeeping_us(trainer, cb, batch: dict, seconds: float = 2.0) -> float:
         cb.on_log(args, state, control, logs=dict(logs))
         n += 1
     return (time.perf_counter() - start) / n * 1e6
-
-
-def matmul_peak(n: int = 1024, seconds: float = 3.0) -> float:
-    """Best fp32 matmul rate (FLOP/s) over repeated n x n products at the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        torch.matmul(a, b)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        for _ in range(5):
-            torch.matmul(a, b)
-        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t))
-    return best
 
 
 def base_matmul_params(model_ref: str = "tiny-llama") -> int:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from report import machine, write_section  # bench/report.py
+from report import machine, matmul_peak, write_section  # bench/report.py
 
 from studio import runs
 from studio.config import RunConfig, load_config
@@ -171,8 +171,6 @@ def head_weights(model_ref: str) -> int:
 
 
 def run_chat(a, env: dict, threads: int, work: Path) -> None:
-    from train_throughput import matmul_peak
-
     cfg = chat_cfg(a.steps, a.batch, a.max_length)
     peak0 = matmul_peak()
     studio, plain = [], []
