@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from studio.config import RunConfig
 from studio.errors import ConfigError
 from studio.runs import trainer as T
+from studio.runs.preflight import resolve_precision
 from studio.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +225,6 @@ def test_eval_accuracy_is_for_classifiers_only(dataset):
 
 
 def test_precision_auto_is_fp32_without_a_gpu():
-    assert T.resolve_precision("auto", "auto", cuda=False) == "fp32"
-    assert T.resolve_precision("bf16", "auto", cuda=False) == "bf16"
-    assert T.resolve_precision("auto", "float16", cuda=True) == "fp16"
+    assert resolve_precision("auto", "auto", cuda=False) == "fp32"
+    assert resolve_precision("bf16", "auto", cuda=False) == "bf16"
+    assert resolve_precision("auto", "float16", cuda=True) == "fp16"

@@ -278,24 +278,6 @@ def failure_message(status: dict, exc: BaseException) -> str:
     return oom_message(step, peak_rss_bytes(), failure_detail(exc, memory), memory, peak_gpu_bytes())
 
 
-def run_status(cfg, guard: Guard | None, cuda: bool) -> dict:
-    """status.json `memory` for the run `cfg`: the limit, the estimate and preflight's suggestions
-    for running out, and the cgroup's oom_kill count before training (a later kill then shows)."""
-    out = dict(guard.describe()) if guard is not None else {}
-    try:
-        from studio.runs import preflight
-
-        limit = guard.limit if guard is not None and guard.limit else preflight.available_memory()[0]
-        out["estimate_bytes"], out["advice"] = preflight.advice_for_limit(cfg, limit, "cuda" if cuda else "cpu")
-    except Exception as e:  # an architecture the estimate does not know is no reason to fail the run
-        out["advice"] = None
-        print(f"studio: no memory estimate for this run ({type(e).__name__}: {e})", flush=True)
-    kills = cgroup_oom_kills()
-    if kills is not None:
-        out["cgroup_events"], out["cgroup_oom_kill"] = kills
-    return out
-
-
 _kmsg_lock = threading.Lock()
 _kmsg_seen: dict[tuple, str | None] = {}
 

@@ -160,7 +160,6 @@ def run_memory(cfg: RunConfig, device: str) -> dict:
     """The estimate's options for `cfg` as the trainer will run it on `device`: micro-batch,
     max_length, quantization, weights dtype and compute precision resolved as the trainer does."""
     from studio.models.registry import resolve_dtype
-    from studio.runs.trainer import resolve_precision
 
     m, t = cfg.model, cfg.train
     precision = resolve_precision(t.precision, m.dtype, device == "cuda")
@@ -330,3 +329,33 @@ def _supports_checkpointing(cfg: RunConfig) -> bool:
     m = cfg.model
     klass = models.model_class(models.load_hf_config(m.name_or_path, m.trust_remote_code), m.task)
     return bool(getattr(klass, "supports_gradient_checkpointing", False))
+
+
+def resolve_precision(precision: str, dtype: str, cuda: bool) -> str:
+    """train.precision as run: fp32, bf16 or fp16 (auto: bf16 on a CUDA GPU that supports it)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if cuda and dtype == "float16":
+        return "fp16"  # float16 weights need fp16's loss scaling
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def memory_status(cfg: RunConfig, guard, cuda: bool) -> dict:
+    """status.json `memory` for the run `cfg`: the limit, the estimate and preflight's suggestions
+    for running out, and the cgroup's oom_kill count before training (a later kill then shows);
+    `guard`: the trainer's memory_guard.Guard, or None."""
+    from studio.runs.memory_guard import cgroup_oom_kills
+
+    out = dict(guard.describe()) if guard is not None else {}
+    try:
+        limit = guard.limit if guard is not None and guard.limit else available_memory()[0]
+        out["estimate_bytes"], out["advice"] = advice_for_limit(cfg, limit, "cuda" if cuda else "cpu")
+    except Exception as e:  # an architecture the estimate does not know is no reason to fail the run
+        out["advice"] = None
+        print(f"studio: no memory estimate for this run ({type(e).__name__}: {e})", flush=True)
+    kills = cgroup_oom_kills()
+    if kills is not None:
+        out["cgroup_events"], out["cgroup_oom_kill"] = kills
+    return out

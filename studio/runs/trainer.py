@@ -134,6 +134,7 @@ from studio import _compat, runs  # noqa: E402
 from studio.config import RunConfig, load_config  # noqa: E402
 from studio.errors import ConfigError, StudioError  # noqa: E402
 from studio.runs import memory_guard  # noqa: E402
+from studio.runs.preflight import memory_status, resolve_precision  # noqa: E402
 from studio.runs.loss import labelled_loss  # noqa: E402
 from studio.runs.rundir import RunDir  # noqa: E402
 
@@ -371,15 +372,6 @@ class StudioCallback(TrainerCallback):
 
 # --- building the pieces --------------------------------------------------------------------
 
-def resolve_precision(precision: str, dtype: str, cuda: bool) -> str:
-    """train.precision as run: fp32, bf16 or fp16 (auto: bf16 on a CUDA GPU that supports it)."""
-    if precision != "auto":
-        return precision
-    if cuda and dtype == "float16":
-        return "fp16"  # float16 weights need fp16's loss scaling
-    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def tracker_setup(report_to: list[str], run_dir: Path) -> dict:
     """Point each tracker into RUN/trackers/ (through the variables Trainer's integrations read);
     returns status.json's `trackers`: {name: {"path": ..., "open": command}}. Variables the user set win."""
@@ -568,7 +560,7 @@ def train(run_dir: Path, resume: bool, report: Reporter) -> str:
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
     if report.enabled:
-        report.update(memory=memory_guard.run_status(cfg, report.guard, torch.cuda.is_available()))
+        report.update(memory=memory_status(cfg, report.guard, torch.cuda.is_available()))
     ckpt = None
     if resume:
         ckpt = rd.last_complete_checkpoint()

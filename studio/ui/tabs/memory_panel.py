@@ -14,7 +14,7 @@ import html
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import gradio as gr
 from gradio.components.plot import PlotData
@@ -23,8 +23,17 @@ from studio.config import RunConfig
 from studio.errors import StudioError
 from studio.models import memory
 
-if TYPE_CHECKING:
-    from studio.ui.tabs.model import Selection
+
+class Selection(Protocol):
+    """What the panel reads of the Model tab's selection (studio.ui.tabs.model.Selection), which
+    imports this module: the model's tree, the LoRA settings, why there is no count, the count."""
+
+    tree: Any
+    settings: Any
+    error: str | None
+
+    def checked(self) -> Any: ...
+
 
 # The estimate's own inputs, read beside the Model tab's LORA_FORM by its `recount`, and what it updates.
 MEMORY_FORM = ("model.mem_batch", "model.mem_seq", "model.mem_quant", "model.mem_precision",
