@@ -191,5 +191,5 @@ def build(c: dict, start: RunConfig) -> None:
             c["mem_checkpointing"] = gr.Checkbox(start.train.gradient_checkpointing, label="gradient checkpointing",
                                                  elem_id="memory-checkpointing", info="train.gradient_checkpointing")
         c["memory_total"] = gr.HTML(elem_id="memory-total")
-        c["memory_chart"] = gr.Plot(elem_id="memory-chart", label="Training memory")
+        c["memory_chart"] = gr.Plot(elem_id="memory-chart", label="Training memory", show_label=False)
         c["memory_fits"] = gr.HTML(elem_id="memory-fits")
