@@ -140,14 +140,15 @@ def cpu_compare(cfg: RunConfig, root: Path, repeats: int) -> dict:
     return out
 
 
-def matmul_weights(model_ref: str) -> int:
-    """Weights of every Linear layer of the base (a tied output head included)."""
+def matmul_weights(model_ref: str) -> tuple[int, int]:
+    """(weights of every Linear layer of the base, a tied output head included; the head's own)."""
     import torch
 
     from studio.models import load_model
 
     m = load_model(model_ref)
-    return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    linear = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    return linear, m.get_output_embeddings().weight.numel()
 
 
 def label_share(cfg: RunConfig) -> tuple[int, int]:
@@ -162,12 +163,6 @@ def label_share(cfg: RunConfig) -> tuple[int, int]:
         labelled += sum(t != -100 for t in row[1:])
         positions += len(row) - 1
     return labelled, positions
-
-
-def head_weights(model_ref: str) -> int:
-    from studio.models import load_model
-
-    return load_model(model_ref).get_output_embeddings().weight.numel()
 
 
 def run_chat(a, env: dict, threads: int, work: Path) -> None:
@@ -188,10 +183,10 @@ def run_chat(a, env: dict, threads: int, work: Path) -> None:
     s_best, p_best = min(r["train_runtime"] for r in studio), min(r["train_runtime"] for r in plain)
     pairs = list(zip(studio[0]["losses"][:LOSS_STEPS], plain[0]["losses"][:LOSS_STEPS]))
     rel = max(abs(s - p) / abs(p) for s, p in pairs)
-    peak, n_base = max(peak0, matmul_peak()), matmul_weights(MODEL)  # the better of before and after
+    peak = max(peak0, matmul_peak())  # the better of before and after
+    n_base, n_head = matmul_weights(MODEL)
     fpt = 4 * n_base + 6 * studio[0]["trainable"]
     labelled, positions = label_share(cfg)
-    n_head = head_weights(MODEL)
     # the most the head's skipped positions can save: its forward and input-gradient FLOPs there
     ceiling = fpt / (fpt - 4 * n_head * (1 - labelled / positions))
     res = {"date": datetime.date.today().isoformat(), "machine": machine(), "threads": threads,

@@ -17,6 +17,7 @@ from studio.errors import ConfigError
 from studio.models import memory
 from studio.models.shards import pickled_files
 from studio.models.tree import model_tree
+from studio.runs import memory_guard
 
 
 def preflight(cfg: RunConfig, check_memory: bool = True) -> None:
@@ -48,10 +49,8 @@ def check_switches(cfg: RunConfig) -> None:
 
     import torch
 
-    from studio.runs.memory_guard import resolve_limit
-
     m, t = cfg.model, cfg.train
-    resolve_limit()  # a bad STUDIO_TRAINER_MEMORY_LIMIT_BYTES is named here, not when the trainer starts
+    memory_guard.resolve_limit()  # a bad STUDIO_TRAINER_MEMORY_LIMIT_BYTES is named here, not when the trainer starts
     cuda = torch.cuda.is_available()
     needs_bnb = [f"model.quantization {m.quantization}"] if m.quantization != "none" else []
     needs_bnb += ["train.optim adamw_8bit"] if t.optim == "adamw_8bit" else []
@@ -138,22 +137,13 @@ def available_memory() -> tuple[int, str, str]:
     import psutil
 
     avail, where = psutil.virtual_memory().available, "RAM available"
-    cgroup = _cgroup_room()
+    cgroup = memory_guard.cgroup_room()
     if cgroup is not None and cgroup < avail:
         avail, where = cgroup, "left under this cgroup's memory limit"
-    from studio.runs.memory_guard import LIMIT_ENV, resolve_limit
-
-    limit, _ = resolve_limit()  # the trainer holds itself under this (a margin under the RAM by default)
-    if os.environ.get(LIMIT_ENV, "").strip() and limit is not None and limit < avail:
-        avail, where = limit, f"the trainer's memory limit ({LIMIT_ENV})"
+    limit, _ = memory_guard.resolve_limit()  # the trainer holds itself under this (a margin under the RAM by default)
+    if os.environ.get(memory_guard.LIMIT_ENV, "").strip() and limit is not None and limit < avail:
+        avail, where = limit, f"the trainer's memory limit ({memory_guard.LIMIT_ENV})"
     return avail, where, device
-
-
-def _cgroup_room() -> int | None:
-    """Bytes left under this process's cgroup memory limit (v2 or v1), or None without one."""
-    from studio.runs.memory_guard import cgroup_room
-
-    return cgroup_room()
 
 
 def run_memory(cfg: RunConfig, device: str) -> dict:
@@ -346,8 +336,6 @@ def memory_status(cfg: RunConfig, guard, cuda: bool) -> dict:
     """status.json `memory` for the run `cfg`: the limit, the estimate and preflight's suggestions
     for running out, and the cgroup's oom_kill count before training (a later kill then shows);
     `guard`: the trainer's memory_guard.Guard, or None."""
-    from studio.runs.memory_guard import cgroup_oom_kills
-
     out = dict(guard.describe()) if guard is not None else {}
     try:
         limit = guard.limit if guard is not None and guard.limit else available_memory()[0]
@@ -355,7 +343,7 @@ def memory_status(cfg: RunConfig, guard, cuda: bool) -> dict:
     except Exception as e:  # an architecture the estimate does not know is no reason to fail the run
         out["advice"] = None
         print(f"studio: no memory estimate for this run ({type(e).__name__}: {e})", flush=True)
-    kills = cgroup_oom_kills()
+    kills = memory_guard.cgroup_oom_kills()
     if kills is not None:
         out["cgroup_events"], out["cgroup_oom_kill"] = kills
     return out

@@ -43,7 +43,7 @@ MEMORY_OUT = ("model.memory_total", "model.memory_chart", "model.memory_fits")
 FOLLOWS = {"train.per_device_train_batch_size": "model.mem_batch", "data.max_length": "model.mem_seq",
            "train.quantization": "model.mem_quant", "train.precision": "model.mem_precision",
            "train.gradient_checkpointing": "model.mem_checkpointing", "train.optim": "model.mem_optim"}
-BATCH_RANGE, SEQ_RANGE = (1, 256), (8, 32768)
+RANGES = {"model.mem_batch": (1, 256), "model.mem_seq": (8, 32768)}  # the size sliders'
 
 MEMORY_HELP = (f"Estimate for training on a CUDA GPU, GB = 2^30 bytes. Fits = estimate + the CUDA context "
                f"({memory.CUDA_CONTEXT_BYTES / memory.GIB:g} GB allowed) + the loss's transient logits gradients; "
@@ -70,8 +70,8 @@ def follow(name: str, value: Any) -> dict[str, Any]:
     target = FOLLOWS[name]
     if name == "train.precision":
         value = "bf16" if value == "auto" else value
-    elif name in ("train.per_device_train_batch_size", "data.max_length"):
-        lo, hi = BATCH_RANGE if target == "model.mem_batch" else SEQ_RANGE
+    elif target in RANGES:
+        lo, hi = RANGES[target]
         try:
             value = min(max(int(value), lo), hi)
         except (TypeError, ValueError):
@@ -173,10 +173,10 @@ def build(c: dict, start: RunConfig) -> None:
     with gr.Group(elem_id="memory-estimate"):
         gr.Markdown("**Training memory: will it fit?**")
         with gr.Row():
-            c["mem_batch"] = gr.Slider(*BATCH_RANGE, value=start.train.per_device_train_batch_size, step=1,
+            c["mem_batch"] = gr.Slider(*RANGES["model.mem_batch"], value=start.train.per_device_train_batch_size, step=1,
                                        label="micro-batch", elem_id="memory-batch",
                                        info="rows per step (train.per_device_train_batch_size)")
-            c["mem_seq"] = gr.Slider(*SEQ_RANGE, value=start.data.max_length, step=8, label="sequence length",
+            c["mem_seq"] = gr.Slider(*RANGES["model.mem_seq"], value=start.data.max_length, step=8, label="sequence length",
                                      elem_id="memory-seq", info="tokens per row (data.max_length)")
             c["mem_gpu"] = gr.Dropdown([(f"{g} GB", g) for g in memory.GPU_SIZES_GB], value=24, label="GPU",
                                        elem_id="memory-gpu", info="for the largest micro-batch that fits")
